@@ -1,0 +1,327 @@
+"""The one typed training config: dataclass fields carry their help text; YAML < CLI flags.
+
+Precedence: a CLI flag beats the YAML file (`--config run.yaml`), which beats the field default.
+`GRPOConfig.validate()` checks every rule before the model loads and names the rule, the values
+and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MlxRftError
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+FINETUNE_TYPES = ("lora", "dora", "full")
+OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "muon")
+SCHEDULES = ("constant", "cosine", "linear")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_LEVELS = ("token", "sequence")
+REPORTERS = ("jsonl", "tensorboard", "wandb")
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class GRPOConfig:
+    # --- model ---
+    model: str | None = _f(None, "HF-format model folder; empty = the embedded SmolLM2-135M-Instruct")
+    dtype: str | None = _f(None, "float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU")
+    finetune_type: str = _f("lora", "lora | dora | full")
+    lora_rank: int = _f(16, "LoRA rank r")
+    lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / rank")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    lora_layers: int = _f(-1, "number of final transformer blocks that get adapters (-1 = all)")
+    lora_keys: list[str] = _f(
+        [], "module paths inside a block to adapt, e.g. self_attn.q_proj (empty = all linear layers)"
+    )
+    quantize_bits: int = _f(0, "QLoRA: quantize the frozen base to 4 or 8 bits (0 = off)")
+    freeze: list[str] = _f([], "full fine-tuning: freeze parameters whose name contains any of these")
+
+    # --- data ---
+    task: str | None = _f(
+        None, "built-in task (a reasoning-gym dataset name); empty with no train_file = the default task"
+    )
+    task_size: int = _f(2000, "number of generated task examples (train + eval)")
+    train_file: str | None = _f(None, "prompts file: JSONL, JSON, CSV or Parquet with prompt or messages")
+    eval_file: str | None = _f(None, "held-out prompts file (default: split off the training data)")
+    eval_size: int = _f(64, "held-out prompts split off the training data when eval_file is empty")
+    system_prompt: str | None = _f(None, "system message prepended to every prompt (overrides the task's)")
+    max_prompt_length: int = _f(512, "prompts longer than this many tokens are rejected")
+    on_bad_row: str = _f("error", "error | skip: what to do with a malformed data row")
+
+    # --- rewards ---
+    reward_funcs: list[str] = _f(
+        [], "rewards: built-in names or module:function / file.py:function (empty = the task's own)"
+    )
+    reward_weights: list[float] = _f([], "one weight per reward function (empty = all 1.0)")
+    reward_on_error: str = _f("raise", "raise | none: a reward that raises aborts the run or scores None")
+
+    # --- generation ---
+    prompts_per_step: int = _f(4, "prompts per optimizer step (B)")
+    group_size: int = _f(4, "completions sampled per prompt (G); the step holds B x G completions")
+    max_new_tokens: int = _f(64, "maximum completion length in tokens")
+    temperature: float = _f(1.0, "sampling temperature (also used for the training log-probs)")
+    top_p: float = _f(1.0, "nucleus sampling threshold (1.0 = off)")
+    top_k: int = _f(0, "sample only from the k most likely tokens (0 = off)")
+    min_p: float = _f(0.0, "min-p sampling threshold (0 = off)")
+    repetition_penalty: float = _f(1.0, "repetition penalty during sampling (1.0 = off)")
+    stop: list[str] = _f([], "stop strings that end a completion")
+
+    # --- algorithm ---
+    loss_type: str = _f("dapo", "grpo | bnpo | dr_grpo | dapo | cispo")
+    importance_sampling_level: str = _f("token", "token | sequence (sequence = GSPO)")
+    epsilon: float = _f(0.2, "lower clip range: ratio >= 1 - epsilon")
+    epsilon_high: float | None = _f(None, "upper clip range: ratio <= 1 + epsilon_high (empty = epsilon)")
+    delta: float | None = _f(None, "optional two-sided cap on the unclipped ratio (e.g. 4.0)")
+    beta: float = _f(0.0, "KL coefficient to the reference model (0 = no reference is kept)")
+    scale_rewards: str = _f("group", "group | batch | none: divide advantages by this std")
+    drop_zero_std_groups: bool = _f(False, "mask groups whose rewards are all equal out of the loss")
+    mask_truncated_completions: bool = _f(False, "mask completions that hit max_new_tokens")
+    top_entropy_quantile: float = _f(1.0, "train only on tokens above this entropy quantile (1.0 = all)")
+    num_iterations: int = _f(1, "optimisation passes over each batch of rollouts (mu)")
+
+    # --- optimisation ---
+    num_steps: int = _f(40, "optimizer steps to run")
+    optimizer: str = _f("adamw", "adamw | adam | sgd | lion | muon")
+    learning_rate: float = _f(1e-4, "peak learning rate")
+    weight_decay: float = _f(0.0, "weight decay (adamw, lion, sgd)")
+    lr_schedule: str = _f("constant", "constant | cosine | linear (decay after warmup)")
+    warmup_steps: int = _f(0, "linear warmup steps")
+    max_grad_norm: float = _f(1.0, "clip gradients to this global norm (0 = off)")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (must divide B x G)")
+    seed: int = _f(0, "random seed for data order, sampling and initialisation")
+
+    # --- evaluation ---
+    eval_every: int = _f(0, "evaluate every N steps (0 = only before and after training)")
+    eval_k: int = _f(1, "samples per eval prompt for pass@k (1 = greedy pass@1 only)")
+    eval_temperature: float = _f(0.0, "eval sampling temperature (0 = greedy)")
+
+    # --- output ---
+    output_dir: str = _f("runs/default", "run folder: checkpoints, metrics, config, report")
+    save_every: int = _f(20, "checkpoint every N steps (and always at the end)")
+    keep_last: int = _f(2, "keep only the newest K checkpoints")
+    resume: str | None = _f(None, "continue from 'latest' or a checkpoint folder")
+    log_every: int = _f(1, "print a metrics line every N steps")
+    sample_every: int = _f(5, "write sample completions to rollouts.jsonl every N steps")
+    report_to: list[str] = _f(["jsonl"], "jsonl | tensorboard | wandb (jsonl is always written)")
+    wandb_project: str = _f("mlx-rft", "Weights & Biases project when report_to includes wandb")
+    progress: bool = _f(True, "show a live progress bar")
+
+    # ------------------------------------------------------------------
+    @property
+    def rows_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    def validate(self) -> GRPOConfig:
+        """Check every rule; raise one MlxRftError naming the rule, the values and the fix."""
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise MlxRftError(msg)
+
+        def choice(name: str, options: tuple) -> None:
+            value = getattr(self, name)
+            need(value in options, f"{name}={value!r} is not valid; choose one of {', '.join(options)}")
+
+        choice("finetune_type", FINETUNE_TYPES)
+        choice("loss_type", LOSS_TYPES)
+        choice("importance_sampling_level", IS_LEVELS)
+        choice("scale_rewards", SCALE_REWARDS)
+        choice("optimizer", OPTIMIZERS)
+        choice("lr_schedule", SCHEDULES)
+        choice("on_bad_row", ("error", "skip"))
+        choice("reward_on_error", ("raise", "none"))
+        for r in self.report_to:
+            need(r in REPORTERS, f"report_to has {r!r}; choose from {', '.join(REPORTERS)}")
+        if self.dtype is not None:
+            choice("dtype", ("float32", "bfloat16", "float16"))
+        need(
+            self.group_size >= 2,
+            f"group_size={self.group_size}: group-relative advantages need at least 2 completions "
+            "per prompt; set --group-size 2 or more",
+        )
+        need(self.prompts_per_step >= 1, f"prompts_per_step={self.prompts_per_step} must be >= 1")
+        rows = self.rows_per_step
+        need(
+            self.gradient_accumulation_steps >= 1 and rows % self.gradient_accumulation_steps == 0,
+            f"gradient_accumulation_steps={self.gradient_accumulation_steps} must divide the "
+            f"{rows} completions of a step (prompts_per_step {self.prompts_per_step} x group_size "
+            f"{self.group_size}); pick a divisor of {rows}",
+        )
+        need(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        need(self.temperature > 0, f"temperature={self.temperature}: training needs sampling; use > 0")
+        need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
+        need(0 <= self.min_p < 1, f"min_p={self.min_p} must be in [0, 1)")
+        need(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)")
+        need(self.epsilon > 0, f"epsilon={self.epsilon} must be > 0")
+        need(
+            self.epsilon_high is None or self.epsilon_high > 0,
+            f"epsilon_high={self.epsilon_high} must be > 0 (or empty to use epsilon)",
+        )
+        need(self.delta is None or self.delta > 1, f"delta={self.delta} must be > 1 (or empty)")
+        need(self.beta >= 0, f"beta={self.beta} must be >= 0")
+        need(
+            not (self.beta > 0 and self.finetune_type == "dora"),
+            "beta > 0 with finetune_type=dora is not supported (DoRA has no adapter-free "
+            "reference without a second model copy); use lora or full, or beta=0",
+        )
+        need(
+            0 < self.top_entropy_quantile <= 1,
+            f"top_entropy_quantile={self.top_entropy_quantile} must be in (0, 1]",
+        )
+        need(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1")
+        need(self.num_steps >= 1, f"num_steps={self.num_steps} must be >= 1")
+        need(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
+        need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        need(self.lora_rank >= 1, f"lora_rank={self.lora_rank} must be >= 1")
+        need(self.quantize_bits in (0, 4, 8), f"quantize_bits={self.quantize_bits}: use 0, 4 or 8")
+        need(
+            not (self.quantize_bits and self.finetune_type == "full"),
+            "quantize_bits needs finetune_type lora or dora (QLoRA); a quantized base cannot be "
+            "fully fine-tuned",
+        )
+        need(
+            not self.reward_weights or len(self.reward_weights) == len(self.reward_funcs),
+            f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs; "
+            "give one weight per function or none",
+        )
+        need(self.eval_k >= 1, f"eval_k={self.eval_k} must be >= 1")
+        need(self.save_every >= 1, f"save_every={self.save_every} must be >= 1")
+        need(self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1")
+        need(
+            self.task is None or self.train_file is None,
+            "give either --task or --train-file, not both",
+        )
+        for name in ("learning_rate", "epsilon", "temperature", "beta"):
+            need(math.isfinite(getattr(self, name)), f"{name} must be a finite number")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------
+# YAML + CLI
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(element type, is_list) for a field annotation like `int`, `float | None`, `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _fields() -> list[tuple[dataclasses.Field, type, bool]]:
+    hints = typing.get_type_hints(GRPOConfig)
+    return [(f, *_base_type(hints[f.name])) for f in dataclasses.fields(GRPOConfig)]
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (--field-name); every default is None so 'not given' is visible."""
+    parser.add_argument("--config", "-c", default=None, help="YAML file with config fields")
+    for f, base, is_list in _fields():
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text += f" (default: {default!r})"
+        if base is bool:
+            parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
+        elif is_list:
+            parser.add_argument(flag, type=base, nargs="*", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=base, default=None, help=help_text)
+
+
+def _coerce(name: str, value: Any, base: type, is_list: bool) -> Any:
+    if value is None:
+        return None
+    if is_list:
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(name, v, base, False) for v in value]
+    try:
+        if base is bool and not isinstance(value, bool):
+            return _parse_bool(str(value))
+        if base is float and isinstance(value, (int, float, str)):
+            return float(value)
+        if base is int and isinstance(value, bool):
+            raise ValueError
+        if base is int and isinstance(value, (int, str)):
+            return int(value)
+        if base is str:
+            return str(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        pass
+    else:
+        if isinstance(value, base):
+            return value
+    raise MlxRftError(f"config field {name!r} expects {base.__name__}, got {value!r}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MlxRftError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MlxRftError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise MlxRftError(f"{path} must hold a mapping of config fields, got {type(data).__name__}")
+    return data
+
+
+def build_config(overrides: dict[str, Any] | None = None, yaml_path: str | None = None) -> GRPOConfig:
+    """Defaults < YAML < overrides (e.g. parsed CLI flags with None meaning 'not given')."""
+    known = {f.name: (base, is_list) for f, base, is_list in _fields()}
+    values: dict[str, Any] = {}
+    sources = [load_yaml(yaml_path)] if yaml_path else []
+    sources.append({k: v for k, v in (overrides or {}).items() if v is not None})
+    for source in sources:
+        for key, value in source.items():
+            key = key.replace("-", "_")
+            if key not in known:
+                close = [k for k in known if k.startswith(key[:4])]
+                hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+                raise MlxRftError(f"unknown config field {key!r}{hint}; see `mlx-rft train --help`")
+            values[key] = _coerce(key, value, *known[key])
+    return GRPOConfig(**values)
+
+
+def config_from_args(args: argparse.Namespace) -> GRPOConfig:
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    return build_config(flags, getattr(args, "config", None)).validate()
+
+
+def save_config(cfg: GRPOConfig, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,104 @@
+"""Scoring a model on held-out prompts (pass@1, pass@k), and the `mlx-rft eval` command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from typing import Sequence
+
+import numpy as np
+
+from .types import PromptExample, SamplingConfig
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k estimator (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if num_samples - num_correct < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(num_samples - num_correct + 1, num_samples + 1)))
+
+
+def evaluate_prompts(
+    model,
+    tokenizer,
+    examples: Sequence[PromptExample],
+    reward_set,
+    *,
+    k: int = 1,
+    sampling: SamplingConfig,
+    seed: int = 0,
+    batch_rows: int = 64,
+) -> dict[str, float]:
+    """Mean score of `reward_set` over k samples per prompt, and pass@k (a sample is correct when
+    its score is >= 1). k = 1 with temperature 0 is greedy pass@1."""
+    from .rollout import generate_rollouts
+
+    scores, t0 = [], time.perf_counter()
+    per_call = max(1, batch_rows // k)
+    for i in range(0, len(examples), per_call):
+        chunk = list(examples[i : i + per_call])
+        ro = generate_rollouts(model, tokenizer, [e.prompt_ids for e in chunk], k, sampling, seed=seed + i)
+        prompts = [e.prompt for e in chunk for _ in range(k)]
+        keys = sorted({c for e in chunk for c in e.columns})
+        columns = {c: [e.columns.get(c) for e in chunk for _ in range(k)] for c in keys}
+        result = reward_set(prompts, ro.texts, columns)
+        scores.append(np.nan_to_num(np.asarray(result.total, dtype=np.float64), nan=0.0))
+    s = np.concatenate(scores).reshape(-1, k)
+    out = {"eval/accuracy": float(s.mean()), "eval/time": time.perf_counter() - t0}
+    if k > 1:
+        correct = (s >= 1.0 - 1e-6).sum(axis=1)
+        out[f"eval/pass@{k}"] = float(np.mean([pass_at_k(k, int(c), k) for c in correct]))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlx-rft eval",
+        description="Score a model (optionally with LoRA adapters from a checkpoint) on a task or "
+        "prompts file: mean score (pass@1) and pass@k.",
+    )
+    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument("--adapter-path", default=None, help="LoRA checkpoint folder from `mlx-rft train`")
+    p.add_argument("--task", default=None, help="built-in task name (default: the default task)")
+    p.add_argument("--data", default=None, help="prompts file (JSONL/JSON/CSV/Parquet) instead of a task")
+    p.add_argument("--reward-funcs", nargs="*", default=None, help="rewards for --data (first one scores)")
+    p.add_argument("--limit", type=int, default=64, help="number of prompts to score")
+    p.add_argument("--k", type=int, default=1, help="samples per prompt for pass@k")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (k must be 1)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="completion length limit")
+    p.add_argument("--system-prompt", default=None, help="system message (default: the task's)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and the task's held-out split")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from .data import PromptDataset, load_prompt_dataset
+    from .errors import MlxRftError
+    from .models import load_model
+    from .rewards import RewardSet, resolve_reward
+    from .tasks import DEFAULT_TASK, load_task
+
+    if args.k > 1 and args.temperature <= 0:
+        raise MlxRftError(f"--k {args.k} needs sampling; pass --temperature > 0 (e.g. 1.0)")
+    model, tokenizer = load_model(args.model, adapter_path=args.adapter_path)
+    if args.data:
+        if not args.reward_funcs:
+            raise MlxRftError("--data needs --reward-funcs (e.g. accuracy) to score completions")
+        data = load_prompt_dataset(args.data, tokenizer, system_prompt=args.system_prompt)
+        funcs = [resolve_reward(s) for s in args.reward_funcs]
+    else:
+        task = load_task(args.task or DEFAULT_TASK.name, seed=args.seed)
+        rows = getattr(task, "eval_rows", None) or task.rows
+        system = args.system_prompt if args.system_prompt is not None else task.system_prompt
+        data = PromptDataset.from_rows(rows, tokenizer, system_prompt=system)
+        funcs = list(task.reward_funcs)
+    examples = list(data)[: args.limit]
+    sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    out = evaluate_prompts(
+        model, tokenizer, examples, RewardSet(funcs[:1], on_error="none"),
+        k=args.k, sampling=sampling, seed=args.seed,
+    )
+    print(json.dumps({"prompts": len(examples), **out}, indent=2))

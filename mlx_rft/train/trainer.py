@@ -1,0 +1,461 @@
+"""The GRPO-family training loop.
+
+One step: prompts -> rollouts (G per prompt) -> rewards (once) -> group advantages ->
+reference log-probs (beta > 0 only) -> `num_iterations` optimizer updates, each accumulating
+gradients over `gradient_accumulation_steps` micro-batches -> metrics -> checkpoint.
+
+Kept from the GRPO/DAPO papers: group-relative advantages, clipped importance ratios, optional
+k3 KL to a frozen reference. The old-policy log-probs are the behaviour log-probs the rollout
+engine recorded while sampling (exact float32 log_softmax(logits / T)), so no extra forward pass is
+spent on them. Seeds are derived from (seed, step), so a resumed run replays the same samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from ..config import GRPOConfig, save_config
+from ..errors import MlxRftError
+from ..types import PromptExample, RolloutBatch, SamplingConfig
+from . import checkpoint as ckpt
+from .metrics import build_reporters, format_step_line, write_report
+from .optim import build_optimizer
+from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_after: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A distinct, reproducible seed per (run seed, step) so resume replays the same samples."""
+    return (seed * 1_000_003 + step * 7919 + salt) % (2**31 - 1)
+
+
+def sampling_from(cfg: GRPOConfig) -> SamplingConfig:
+    return SamplingConfig(
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+        repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
+        stop=list(cfg.stop),
+    )
+
+
+def _rows_columns(examples: Sequence[PromptExample], group_size: int) -> dict[str, list]:
+    """Dataset columns repeated per completion row (row n belongs to prompt n // G)."""
+    keys = sorted({k for e in examples for k in e.columns})
+    return {k: [e.columns.get(k) for e in examples for _ in range(group_size)] for k in keys}
+
+
+def global_norm(tree) -> mx.array:
+    leaves = [v for _, v in tree_flatten(tree)]
+    return mx.sqrt(sum((mx.sum(v.astype(mx.float32) ** 2) for v in leaves), mx.array(0.0)))
+
+
+class GRPOTrainer:
+    """`GRPOTrainer(config, reward_funcs=[...], train_dataset=rows).train()`.
+
+    reward_funcs: callables `(prompts, completions, **columns) -> list[float | None]` or spec
+    strings (built-in names, `module:function`, `file.py:function`). Empty: the task's own.
+    train_dataset / eval_dataset: lists of row dicts (`prompt` or `messages` + columns), or None
+    to use `config.train_file` / `config.task` / the default task.
+    """
+
+    def __init__(
+        self,
+        config: GRPOConfig,
+        reward_funcs: Sequence[Callable | str] | None = None,
+        train_dataset: Sequence[dict] | None = None,
+        eval_dataset: Sequence[dict] | None = None,
+        *,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        console: Any = None,
+    ):
+        self.cfg = config.validate()
+        self._reward_specs = list(reward_funcs or [])
+        self._train_rows = train_dataset
+        self._eval_rows = eval_dataset
+        self.model = model
+        self.tokenizer = tokenizer
+        self.console = console
+        self.eval_reward = None
+
+    # ------------------------------------------------------------------ setup
+    def _log(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg, highlight=False, markup=False)
+        else:
+            print(msg, flush=True)
+
+    def _setup_model(self) -> None:
+        from ..models import load_model, resolve_model_path
+
+        cfg = self.cfg
+        self.model_dir = resolve_model_path(cfg.model)
+        if self.model is None:
+            self.model, self.tokenizer = load_model(self.model_dir, dtype=cfg.dtype)
+        mx.random.seed(cfg.seed)  # LoRA initialisation
+        self.num_adapted_layers = setup_trainable(self.model, cfg)
+        self.adapter_cfg = (
+            None if cfg.finetune_type == "full" else adapter_config(cfg, self.num_adapted_layers)
+        )
+        self.param_counts = count_parameters(self.model)
+        self.reference = ReferencePolicy(
+            self.model, cfg, load_copy=lambda: load_model(self.model_dir, dtype=cfg.dtype)[0]
+        )
+        self.optimizer = build_optimizer(cfg)
+
+    def _setup_data(self) -> None:
+        from ..data import PromptDataset, load_prompt_dataset, train_eval_split
+        from ..rewards import RewardSet, resolve_reward
+        from ..tasks import DEFAULT_TASK, load_task
+
+        cfg = self.cfg
+        task = None
+        rows = self._train_rows
+        if rows is None and cfg.train_file is None:
+            name = cfg.task or DEFAULT_TASK.name
+            task = load_task(name, size=cfg.task_size, seed=cfg.seed)
+            rows = task.rows
+        system = cfg.system_prompt if cfg.system_prompt is not None else getattr(task, "system_prompt", None)
+        opts = dict(system_prompt=system, max_prompt_length=cfg.max_prompt_length, on_bad_row=cfg.on_bad_row)
+        if rows is not None:
+            train = PromptDataset.from_rows(rows, self.tokenizer, **opts)
+        else:
+            train = load_prompt_dataset(cfg.train_file, self.tokenizer, **opts)
+        if self._eval_rows is not None:
+            evals = PromptDataset.from_rows(self._eval_rows, self.tokenizer, **opts)
+        elif cfg.eval_file:
+            evals = load_prompt_dataset(cfg.eval_file, self.tokenizer, **opts)
+        elif task is not None and getattr(task, "eval_rows", None):
+            evals = PromptDataset.from_rows(task.eval_rows, self.tokenizer, **opts)
+        else:
+            train, evals = train_eval_split(train, eval_size=min(cfg.eval_size, len(train) - 1), seed=cfg.seed)
+        if train.skipped_bad:
+            self._log(f"skipped {train.skipped_bad} malformed rows of {train.source}")
+        self.train_data, self.eval_data = train, evals
+
+        specs = self._reward_specs or list(cfg.reward_funcs)
+        if specs:
+            funcs = [resolve_reward(s) if isinstance(s, str) else s for s in specs]
+        elif task is not None:
+            funcs = list(task.reward_funcs)
+        else:
+            raise MlxRftError(
+                "no reward functions: pass --reward-funcs (e.g. accuracy format) or use a --task"
+            )
+        weights = list(cfg.reward_weights) or None
+        self.rewards = RewardSet(funcs, weights=weights, on_error=cfg.reward_on_error)
+        # Eval scores with the first reward (the task's accuracy), pass@k counts scores >= 1.
+        self.eval_reward = RewardSet(funcs[:1], on_error="none")
+
+    # ------------------------------------------------------------------ pieces
+    def generate(self, examples: Sequence[PromptExample], group_size: int, sampling, seed) -> RolloutBatch:
+        from ..rollout import generate_rollouts
+
+        return generate_rollouts(
+            self.model, self.tokenizer, [e.prompt_ids for e in examples], group_size, sampling, seed=seed
+        )
+
+    def score(self, reward_set, examples, rollouts: RolloutBatch):
+        prompts = [e.prompt for e in examples for _ in range(rollouts.group_size)]
+        return reward_set(prompts, rollouts.texts, _rows_columns(examples, rollouts.group_size))
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out score with the first reward (pass@1; pass@k when eval_k > 1)."""
+        from ..evaluate import evaluate_prompts
+
+        cfg = self.cfg
+        temp = cfg.eval_temperature if cfg.eval_k == 1 else (cfg.eval_temperature or 1.0)
+        sampling = dataclasses.replace(
+            sampling_from(cfg), temperature=temp, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0
+        )
+        return evaluate_prompts(
+            self.model, self.tokenizer, list(self.eval_data), self.eval_reward,
+            k=cfg.eval_k, sampling=sampling, seed=step_seed(cfg.seed, 0, salt=17),
+        )
+
+    def _micro_slices(self, n: int) -> list[slice]:
+        m = self.cfg.gradient_accumulation_steps
+        size = n // m
+        return [slice(i * size, (i + 1) * size) for i in range(m)]
+
+    def _make_loss(self):
+        from ..algo.logprobs import sequence_logprobs
+        from ..algo.losses import LossConfig, compute_loss
+
+        cfg = self.cfg
+        loss_cfg = LossConfig(
+            loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+            delta=cfg.delta, beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
+            max_completion_length=cfg.max_new_tokens, top_entropy_quantile=cfg.top_entropy_quantile,
+        )
+        need_entropy = cfg.top_entropy_quantile < 1.0
+
+        def loss_fn(model, prompts, group_size, ids, mask, old_lp, ref_lp, adv, norms):
+            logp, entropy = sequence_logprobs(
+                model, prompts, ids, mask, group_size, cfg.temperature, with_entropy=True
+            )
+            loss, stats = compute_loss(
+                loss_cfg, logp, old_lp, ref_lp, adv, mask,
+                entropy=entropy if need_entropy else None, **norms,
+            )
+            stats = {k: v for k, v in dataclasses.asdict(stats).items() if isinstance(v, mx.array)}
+            stats["entropy"] = (entropy * mask).sum() / mx.maximum(mask.sum(), 1)
+            return loss, stats
+
+        return nn.value_and_grad(self.model, loss_fn)
+
+    def _update(self, loss_and_grad, micro_batches, totals) -> dict[str, float]:
+        """One optimizer update: accumulate gradients over micro-batches, clip, apply, eval."""
+        cfg = self.cfg
+        grads_acc, stats_acc, loss_acc = None, {}, 0.0
+        for mb in micro_batches:
+            (loss, stats), grads = loss_and_grad(self.model, *mb, totals)
+            grads_acc = grads if grads_acc is None else tree_map(mx.add, grads_acc, grads)
+            mx.eval(loss, grads_acc, stats)
+            loss_acc += loss.item()
+            weight = float(mb[3].sum().item())
+            for k, v in stats.items():
+                stats_acc.setdefault(k, []).append((float(v.item()), weight))
+        grad_norm = global_norm(grads_acc)
+        if cfg.max_grad_norm > 0:
+            scale = mx.minimum(cfg.max_grad_norm / (grad_norm + 1e-6), 1.0)
+            grads_acc = tree_map(lambda g: g * scale, grads_acc)
+        self.optimizer.update(self.model, grads_acc)
+        mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
+        out = {"loss": loss_acc, "grad_norm": grad_norm.item()}
+        for k, pairs in stats_acc.items():
+            tot = sum(w for _, w in pairs)
+            out[k] = sum(v * w for v, w in pairs) / tot if tot else float("nan")
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> TrainResult:
+        from ..algo.advantages import group_advantages
+
+        cfg = self.cfg
+        run_dir = Path(cfg.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_model()
+        self._setup_data()
+        from ..data import PromptSampler
+
+        sampler = PromptSampler(len(self.train_data), cfg.prompts_per_step, seed=cfg.seed)
+        start_step, history = 0, []
+        eval_before: dict[str, float] = {}
+        if cfg.resume:
+            path = ckpt.find_checkpoint(cfg.resume, run_dir)
+            state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+            start_step = state["step"]
+            sampler.load_state_dict(state["sampler"])
+            eval_before = state.get("eval_before", {})
+            history = state.get("history", [])
+            self._log(f"resumed from {path} at step {start_step}")
+        save_config(cfg, run_dir / "config.yaml")
+        reporters = build_reporters(cfg.report_to, run_dir, cfg.to_dict(), append=start_step > 0)
+        rollout_log = open(run_dir / "rollouts.jsonl", "a" if start_step else "w")
+        self._log(
+            f"model {self.model_dir.name} ({cfg.finetune_type}): {self.param_counts.describe()}; "
+            f"{len(self.train_data)} train / {len(self.eval_data)} eval prompts; "
+            f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
+        )
+        if not eval_before:
+            eval_before = self.evaluate(0)
+            self._log(f"eval before training: {eval_before}")
+            for r in reporters:
+                r.log(0, eval_before)
+
+        loss_and_grad = self._make_loss()
+        sampling = sampling_from(cfg)
+        interrupted = False
+        previous_sigint = signal.getsignal(signal.SIGINT)
+        stop_requested = []
+
+        def on_sigint(signum, frame):
+            if stop_requested:  # a second Ctrl-C aborts at once
+                raise KeyboardInterrupt
+            stop_requested.append(True)
+            self._log("Ctrl-C: finishing this step, saving a checkpoint, then stopping "
+                      "(press again to abort without saving)")
+
+        signal.signal(signal.SIGINT, on_sigint)
+        step = start_step
+        try:
+            for step in range(start_step + 1, cfg.num_steps + 1):
+                metrics = self._train_step(step, sampler, sampling, loss_and_grad, group_advantages, rollout_log)
+                history.append({"step": step, **metrics})
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+                    ev = self.evaluate(step)
+                    metrics.update(ev)
+                    history[-1].update(ev)
+                for r in reporters:
+                    r.log(step, metrics)
+                if step % cfg.log_every == 0 or step == cfg.num_steps:
+                    self._log(format_step_line(step, cfg.num_steps, metrics))
+                last = step == cfg.num_steps
+                if stop_requested or last or step % cfg.save_every == 0:
+                    self._save(run_dir, step, sampler, eval_before, history)
+                if stop_requested:
+                    interrupted = True
+                    break
+        finally:
+            signal.signal(signal.SIGINT, previous_sigint)
+            rollout_log.close()
+        eval_after: dict[str, float] = {}
+        if not interrupted:
+            eval_after = self.evaluate(step)
+            history.append({"step": step, **eval_after})
+            for r in reporters:
+                r.log(step, eval_after)
+            self._log(f"eval before training: {_fmt(eval_before)}")
+            self._log(f"eval after training:  {_fmt(eval_after)}")
+        for r in reporters:
+            r.close()
+        summary = {
+            "model": str(self.model_dir), "steps": step, "finetune_type": cfg.finetune_type,
+            "loss_type": cfg.loss_type, **{f"before {k}": v for k, v in eval_before.items()},
+            **{f"after {k}": v for k, v in eval_after.items()},
+        }
+        report = write_report(run_dir, history, summary)
+        self._log(f"run folder {run_dir}: checkpoints/, metrics.jsonl, rollouts.jsonl, {report.name}")
+        return TrainResult(run_dir, step, eval_before, eval_after, history, interrupted)
+
+    def _save(self, run_dir, step, sampler, eval_before, history) -> None:
+        state = {"sampler": sampler.state_dict(), "eval_before": eval_before, "history": history}
+        ckpt.save_checkpoint(
+            run_dir / "checkpoints", step, self.model, self.optimizer, self.cfg, state,
+            adapter_cfg=self.adapter_cfg, base_model_dir=self.model_dir,
+        )
+
+    def _train_step(self, step, sampler, sampling, loss_and_grad, group_advantages, rollout_log) -> dict:
+        cfg = self.cfg
+        G = cfg.group_size
+        t_start = time.perf_counter()
+        mx.reset_peak_memory()
+        examples = [self.train_data[i] for i in sampler.next_global()]
+
+        t0 = time.perf_counter()
+        rollouts = self.generate(examples, G, sampling, seed=step_seed(cfg.seed, step))
+        mx.eval(rollouts.completion_ids, rollouts.logprobs)
+        t_gen = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rewards = self.score(self.rewards, examples, rollouts)
+        t_rew = time.perf_counter() - t0
+
+        adv = group_advantages(rewards.total, G, scale=cfg.scale_rewards)
+        mask = rollouts.completion_mask
+        keep = np.ones(len(rollouts.texts), dtype=np.float32)
+        if cfg.mask_truncated_completions:
+            keep *= np.array([r != "length" for r in rollouts.finish_reasons], dtype=np.float32)
+        if cfg.drop_zero_std_groups:
+            keep *= ~np.asarray(adv.zero_std_mask)
+        mask = mask * mx.array(keep)[:, None]
+        advantages = mx.array(np.asarray(adv.advantages, dtype=np.float32))
+        prompts = [e.prompt_ids for e in examples]
+
+        t0 = time.perf_counter()
+        ref_lp = None
+        if cfg.beta > 0:
+            from ..algo.logprobs import sequence_logprobs
+
+            ref_lp, _ = self.reference.run(
+                lambda m: sequence_logprobs(m, prompts, rollouts.completion_ids, mask, G, cfg.temperature)
+            )
+            ref_lp = mx.stop_gradient(ref_lp)
+            mx.eval(ref_lp)
+        t_lp = time.perf_counter() - t0
+
+        # Micro-batches of whole groups when they fit, so each prompt is run once per micro-batch.
+        n = len(rollouts.texts)
+        micro = []
+        for sl in self._micro_slices(n):
+            a, b = sl.start, sl.stop
+            if a % G == 0 and b % G == 0:
+                p, g = prompts[a // G : b // G], G
+            else:
+                p, g = [prompts[i // G] for i in range(a, b)], 1
+            micro.append((
+                p, g, rollouts.completion_ids[a:b], mask[a:b], rollouts.logprobs[a:b],
+                None if ref_lp is None else ref_lp[a:b], advantages[a:b],
+            ))
+        totals = {"num_sequences": n, "num_tokens": max(float(mask.sum().item()), 1.0)}
+
+        t0 = time.perf_counter()
+        snapshot = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
+        upd: dict[str, float] = {}
+        for _ in range(cfg.num_iterations):
+            upd = self._update(loss_and_grad, micro, totals)
+        delta = mx.sqrt(sum(
+            mx.sum((v - snapshot[k]) ** 2) for k, v in tree_flatten(self.model.trainable_parameters())
+        ))
+        upd["update_norm"] = delta.item()
+        del snapshot
+        t_upd = time.perf_counter() - t0
+        t_step = time.perf_counter() - t_start
+
+        lengths = np.asarray(rollouts.completion_mask.sum(axis=1))
+        gen_tokens = float(lengths.sum())
+        m: dict[str, Any] = {
+            "reward/mean": float(np.nanmean(rewards.total)) if np.isfinite(rewards.total).any() else float("nan"),
+            "reward/std": float(np.nanstd(rewards.total)) if np.isfinite(rewards.total).any() else float("nan"),
+            "advantage/mean": float(np.mean(adv.advantages)),
+            "advantage/std": float(np.std(adv.advantages)),
+            "advantage/abs_max": float(np.max(np.abs(adv.advantages))),
+            "frac_zero_std_groups": adv.num_zero_std_groups / cfg.prompts_per_step,
+            "completion/mean_length": float(lengths.mean()),
+            "completion/min_length": float(lengths.min()),
+            "completion/max_length": float(lengths.max()),
+            "completion/truncated_frac": float(np.mean([r == "length" for r in rollouts.finish_reasons])),
+            "tokens_per_sec/generate": gen_tokens / max(t_gen, 1e-9),
+            "tokens_per_sec/train": cfg.num_iterations * (gen_tokens + sum(len(p) for p in prompts)) / max(t_upd, 1e-9),
+            "time/generate": t_gen, "time/reward": t_rew, "time/logprobs": t_lp,
+            "time/update": t_upd, "time/step": t_step,
+            "memory/peak_gb": mx.get_peak_memory() / 1e9,
+            "lr": float(self.optimizer.learning_rate.item() if isinstance(self.optimizer.learning_rate, mx.array) else self.optimizer.learning_rate),
+            **upd,
+        }
+        for name, values in rewards.per_func.items():
+            finite = values[np.isfinite(values)]
+            m[f"rewards/{name}/mean"] = float(finite.mean()) if finite.size else float("nan")
+            m[f"rewards/{name}/std"] = float(finite.std()) if finite.size else float("nan")
+            m[f"rewards/{name}/none"] = int((~np.isfinite(values)).sum())
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+            import json
+
+            for i in range(len(rollouts.texts)):
+                rollout_log.write(json.dumps({
+                    "step": step, "prompt": examples[i // G].prompt, "completion": rollouts.texts[i],
+                    "reward": _num(rewards.total[i]), "advantage": float(adv.advantages[i]),
+                    "finish_reason": rollouts.finish_reasons[i],
+                    **{f"reward/{k}": _num(v[i]) for k, v in rewards.per_func.items()},
+                }) + "\n")
+            rollout_log.flush()
+        return m
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _fmt(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in d.items() if not k.endswith("time"))
