@@ -1,0 +1,490 @@
+"""RLAIF judge: rubric prompts and robust score parsing; the OpenAI-compatible back end against real
+local HTTP servers (our own, for exact behaviours and failures, and mlx_lm.server); the local MLX
+back end (with the policy's LoRA adapters switched off); caching and metrics."""
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_rft.errors import MlxRftError
+from mlx_rft.rewards import RewardSet
+from mlx_rft.rewards.judge import MLXJudge, OpenAIJudge, make_judge_reward, plain_question
+from mlx_rft.rewards.rubric import Rubric, load_rubric
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "rubrics"
+KEY_VAR = "MLX_RFT_TEST_JUDGE_KEY"
+
+
+@pytest.fixture
+def rubric():
+    return Rubric.from_dict(
+        {
+            "name": "t",
+            "scale": {"min": 1, "max": 10},
+            "criteria": [
+                {"name": "correctness", "description": "right?", "weight": 2},
+                {"name": "clarity", "description": "clear?", "weight": 1},
+            ],
+        }
+    )
+
+
+def combined(c, k):  # the rubric above: weights 2 and 1 on a 1..10 scale
+    return (2 * (c - 1) / 9 + (k - 1) / 9) / 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Rubrics
+
+
+def test_example_rubrics_load_and_render():
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        r = load_rubric(path)
+        ref = "12" if r.reference_column else None
+        msgs = r.messages("How many?", "Twelve.", ref)
+        assert msgs[0]["role"] == "system" and all(c.name in msgs[0]["content"] for c in r.criteria)
+        assert len(msgs) == 2 + 2 * len(r.examples)
+        for ex, (u, a) in zip(r.examples, zip(msgs[1:-1:2], msgs[2:-1:2])):
+            assert u["role"] == "user" and ex.completion.strip() in u["content"]
+            assert a["role"] == "assistant" and r.parse(a["content"]).raw == ex.scores
+        assert msgs[-1]["content"].endswith("[Response]\nTwelve.")
+        assert ("[Reference answer]\n12" in msgs[-1]["content"]) == (ref is not None)
+
+
+@pytest.mark.parametrize(
+    "data, pattern",
+    [
+        ({"criteria": []}, "no criteria"),
+        ({"criteria": [{"name": "two words"}]}, "must be one word"),
+        ({"criteria": ["a", "A"]}, "appears twice"),
+        ({"criteria": ["a"], "scale": {"min": 5, "max": 5}}, "must exceed min"),
+        ({"criteria": ["a"], "scale": "1-10"}, "scale must be"),
+        ({"criteria": ["a"], "examples": [{"prompt": "p"}]}, "needs prompt, completion and scores"),
+        ({"criteria": ["a", "b"], "examples": [{"prompt": "p", "completion": "c", "scores": {"a": 1}}]}, "lacks scores"),
+        ({"criteria": ["a"], "temperature": 0}, "unknown rubric field"),
+    ],
+)
+def test_rubric_validation(data, pattern):
+    with pytest.raises(MlxRftError, match=pattern):
+        Rubric.from_dict({"name": "bad", **data})
+
+
+def test_missing_rubric_file_is_a_clear_error(tmp_path):
+    with pytest.raises(MlxRftError, match="does not exist"):
+        load_rubric(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("criteria: [a, b\n")
+    with pytest.raises(MlxRftError, match="not valid YAML"):
+        load_rubric(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, expected, method",
+    [
+        ('{"correctness": 8, "clarity": 6}', combined(8, 6), "json"),
+        ('Sure!\n```json\n{"correctness": "8/10", "clarity": {"score": 6}}\n```', (2 * 0.8 + 5 / 9) / 3, "json"),
+        ('<think>{"correctness": 1, "clarity": 1}</think>{"scores": {"Correctness": 10, "CLARITY": 10}}', 1.0, "json"),
+        ('Example: {"correctness": 1, "clarity": 1}. Verdict: {"correctness": 9, "clarity": 9}', 8 / 9, "json"),
+        ("Correctness: 8/10\n**Clarity**: 6\nGood answer.", (2 * 0.8 + 5 / 9) / 3, "lines"),
+        ("Overall score: 7/10", 0.7, "overall"),
+        ("My rating is 4.", combined(4, 4), "overall"),
+        ("  7 ", combined(7, 7), "overall"),
+        ("I liked it.", None, None),
+        ('{"correctness": 15, "clarity": 6}', None, None),  # off the 1..10 scale
+        ('{"correctness": 8}', None, None),  # incomplete
+        ("", None, None),
+        (None, None, None),
+    ],
+)
+def test_parse_judge_replies(rubric, text, expected, method):
+    parsed = rubric.parse(text)
+    if expected is None:
+        assert parsed is None
+    else:
+        assert parsed.score == pytest.approx(expected) and parsed.method == method
+        assert set(parsed.normalized) == {"correctness", "clarity"}
+
+
+def test_single_criterion_accepts_a_generic_score_key():
+    r = Rubric.from_dict({"name": "one", "criteria": ["quality"], "scale": [0, 4]})
+    assert r.parse('{"score": 3}').score == pytest.approx(0.75)
+    assert r.parse('{"quality": 0}').score == 0.0
+
+
+def test_plain_question_strips_chat_markup():
+    chatml = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert plain_question(chatml) == "What is 2+2?"
+    llama = "<|start_header_id|>user<|end_header_id|>\n\nName a color.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert plain_question(llama) == "Name a color."
+    assert plain_question("raw text") == "raw text"
+
+
+# ---------------------------------------------------------------------------------------------
+# Our own OpenAI-compatible servers
+
+
+class FakeEndpoint:
+    """A real HTTP server on 127.0.0.1 whose replies come from `respond(n, request) -> (status,
+    body, headers, delay)`; it records requests, headers and the peak number in flight."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.requests: list[dict] = []
+        self.auth: list[str | None] = []
+        self.in_flight = self.peak = 0
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    n = len(outer.requests)
+                    outer.requests.append(body)
+                    outer.auth.append(self.headers.get("Authorization"))
+                    outer.in_flight += 1
+                    outer.peak = max(outer.peak, outer.in_flight)
+                try:
+                    status, data, headers, delay = outer.respond(n, body, self.path)
+                    time.sleep(delay)
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+                finally:
+                    with outer.lock:
+                        outer.in_flight -= 1
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def chat_body(content: str) -> bytes:
+    return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def grader(n, body, path):
+    """Scores 9/7 when the graded response is GOOD, else 2/3 (reads the last user message)."""
+    last = body["messages"][-1]["content"]
+    good = last.endswith("[Response]\nGOOD")
+    return 200, chat_body(json.dumps({"correctness": 9 if good else 2, "clarity": 7 if good else 3})), {}, 0.0
+
+
+@pytest.fixture
+def endpoint():
+    made = []
+
+    def make(respond):
+        ep = FakeEndpoint(respond)
+        made.append(ep)
+        return ep
+
+    yield make
+    for ep in made:
+        ep.close()
+
+
+def score(judge, completions, prompts=None, **columns):
+    prompts = prompts or ["Q?"] * len(completions)
+    return asyncio.run(judge(prompts, completions, **columns))
+
+
+def test_openai_judge_scores_with_auth_header_and_parses(endpoint, rubric, monkeypatch):
+    monkeypatch.setenv(KEY_VAR, "sk-test-123")
+    ep = endpoint(grader)
+    backend = OpenAIJudge(ep.url, "judge-model", api_key_env=KEY_VAR, temperature=0.0, max_tokens=64)
+    judge = make_judge_reward(rubric, backend)
+    out = score(judge, ["GOOD", "bad", "GOOD"])
+    assert out.scores == pytest.approx([combined(9, 7), combined(2, 3), combined(9, 7)])
+    assert out.details["correctness"] == pytest.approx([8 / 9, 1 / 9, 8 / 9])
+    assert out.metrics == {"requests": 2.0, "cache_hits": 0.0, "backend_failures": 0.0, "parse_failures": 0.0}
+    req = ep.requests[0]
+    assert req["model"] == "judge-model" and req["temperature"] == 0.0 and req["max_tokens"] == 64
+    assert req["messages"][0]["role"] == "system" and "[Question]\nQ?" in req["messages"][-1]["content"]
+    assert ep.auth == ["Bearer sk-test-123"] * 2
+    assert "sk-test-123" not in repr(backend)
+
+
+def test_concurrency_limit_is_respected(endpoint, rubric):
+    ep = endpoint(lambda n, body, path: (*grader(n, body, path)[:3], 0.25))
+    judge = make_judge_reward(rubric, OpenAIJudge(ep.url, "m", max_concurrency=3), cache=False)
+    t0 = time.monotonic()
+    out = score(judge, [f"answer {i}" for i in range(9)])
+    elapsed = time.monotonic() - t0
+    assert len([s for s in out.scores if s is not None]) == 9
+    assert ep.peak == 3  # never more than 3 in flight, and it did use 3
+    assert elapsed < 9 * 0.25  # parallel (3 rounds of 0.25 s), not sequential
+
+
+def test_retries_with_backoff_on_503_and_429(endpoint, rubric):
+    def flaky(n, body, path):
+        if n == 0:
+            return 503, b"busy", {}, 0.0
+        if n == 1:
+            return 429, b"slow down", {"Retry-After": "0"}, 0.0
+        return grader(n, body, path)
+
+    ep = endpoint(flaky)
+    backend = OpenAIJudge(ep.url, "m", max_retries=3, backoff=0.05)
+    out = score(make_judge_reward(rubric, backend), ["GOOD"])
+    assert out.scores == [pytest.approx(combined(9, 7))]
+    assert backend.stats["retries"] == 2 and len(ep.requests) == 3
+
+
+def test_server_down_gives_none_quickly_and_counts(rubric):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: connection refused
+    backend = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "m", timeout=1.0, max_retries=2, backoff=0.05)
+    judge = make_judge_reward(rubric, backend)
+    t0 = time.monotonic()
+    result = RewardSet([judge])(["Q?"] * 2, ["a", "b"])
+    assert time.monotonic() - t0 < 3.0
+    assert np.isnan(result.total).all()
+    assert result.stats["judge"]["failures"] == 2 and result.stats["judge"]["errors"] == 0
+    assert result.metrics["judge/backend_failures"] == 2.0
+    assert backend.stats["requests"] == 6 and backend.stats["failures"] == 2
+
+
+def test_slow_server_times_out_to_none(endpoint, rubric):
+    ep = endpoint(lambda n, body, path: (*grader(n, body, path)[:3], 3.0))
+    backend = OpenAIJudge(ep.url, "m", timeout=0.3, max_retries=1, backoff=0.05)
+    t0 = time.monotonic()
+    out = score(make_judge_reward(rubric, backend), ["GOOD"])
+    assert time.monotonic() - t0 < 2.5
+    assert out.scores == [None] and out.metrics["backend_failures"] == 1.0
+    assert len(ep.requests) == 2  # the first try and one retry
+
+
+def test_garbage_replies_are_none_and_counted(endpoint, rubric):
+    def garbage(n, body, path):
+        last = body["messages"][-1]["content"]
+        if last.endswith("html"):
+            return 200, b"<html>oops</html>", {"Content-Type": "text/html"}, 0.0
+        if last.endswith("noscore"):
+            return 200, chat_body("I think this answer is quite good."), {}, 0.0
+        if last.endswith("reject"):
+            return 400, b'{"error": "context length exceeded"}', {}, 0.0
+        return grader(n, body, path)
+
+    ep = endpoint(garbage)
+    backend = OpenAIJudge(ep.url, "m", max_retries=2, backoff=0.01)
+    judge = make_judge_reward(rubric, backend)
+    result = RewardSet([judge, lambda p, c, **k: [1.0] * len(c)])(["Q?"] * 4, ["html", "noscore", "reject", "GOOD"])
+    np.testing.assert_allclose(result.per_func["judge"], [np.nan, np.nan, np.nan, combined(9, 7)])
+    assert result.metrics["judge/backend_failures"] == 2.0  # html body + rejected request
+    assert result.metrics["judge/parse_failures"] == 1.0
+    assert backend.stats["bad_responses"] == 1
+    assert len(ep.requests) == 4  # a 400 or a 200 with garbage is not retried
+    summary = result.summary()
+    assert summary["judge/failures"] == 3.0 and summary["judge/std"] == 0.0
+    assert summary["rewards/judge/clarity/mean"] == pytest.approx(6 / 9)
+
+
+def test_auth_errors_name_the_variable_never_the_key(endpoint, rubric, monkeypatch):
+    ep = endpoint(lambda n, body, path: (401, b'{"error": "bad key"}', {}, 0.0))
+    monkeypatch.setenv(KEY_VAR, "sk-secret-value")
+    judge = make_judge_reward(rubric, OpenAIJudge(ep.url, "m", api_key_env=KEY_VAR))
+    with pytest.raises(MlxRftError, match=rf"HTTP 401.*\${KEY_VAR}") as info:
+        score(judge, ["x"])
+    assert "sk-secret-value" not in str(info.value)
+    monkeypatch.delenv(KEY_VAR)
+    with pytest.raises(MlxRftError, match=rf"\${KEY_VAR} is not set"):
+        score(judge, ["y"])
+
+
+def test_cache_dedupes_and_persists(endpoint, rubric, tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_VAR, "sk-should-not-be-cached")
+    ep = endpoint(grader)
+    cache_file = tmp_path / "judge_cache.jsonl"
+    backend = OpenAIJudge(ep.url, "m", api_key_env=KEY_VAR)
+    judge = make_judge_reward(rubric, backend, cache_path=cache_file)
+    out = score(judge, ["GOOD", "GOOD", "bad", "GOOD"])  # a group with duplicate completions
+    assert len(ep.requests) == 2 and out.metrics["requests"] == 2.0
+    out2 = score(judge, ["bad", "GOOD"])
+    assert len(ep.requests) == 2 and out2.metrics["cache_hits"] == 2.0
+    assert out2.scores == pytest.approx([combined(2, 3), combined(9, 7)])
+    # A fresh judge (a new run) reads the file and asks nothing.
+    again = make_judge_reward(rubric, OpenAIJudge(ep.url, "m", api_key_env=KEY_VAR), cache_path=cache_file)
+    assert score(again, ["GOOD"]).metrics["cache_hits"] == 1.0 and len(ep.requests) == 2
+    assert "sk-should-not-be-cached" not in cache_file.read_text()
+    # A different judge model does not share entries.
+    other = make_judge_reward(rubric, OpenAIJudge(ep.url, "other-model"), cache_path=cache_file)
+    score(other, ["GOOD"])
+    assert len(ep.requests) == 3
+
+
+def test_question_and_reference_columns(endpoint):
+    ep = endpoint(grader)
+    r = load_rubric(EXAMPLES / "math_reasoning.yaml")
+    judge = make_judge_reward(r, OpenAIJudge(ep.url, "m"), question_column="question")
+    score(judge, ["GOOD"], question=["What is 3 x 4?"], answer=["12"])
+    last = ep.requests[-1]["messages"][-1]["content"]
+    assert last.startswith("[Question]\nWhat is 3 x 4?") and "[Reference answer]\n12" in last
+    with pytest.raises(MlxRftError, match="lacks"):
+        score(judge, ["GOOD"], question=["q"])
+
+
+def test_judge_reward_spec(endpoint):
+    from mlx_rft.rewards import resolve_reward
+
+    ep = endpoint(lambda n, body, path: (200, chat_body('{"correctness": 10, "helpfulness": 10, "clarity": 10}'), {}, 0))
+    rubric_path = EXAMPLES / "helpfulness.yaml"
+    judge = resolve_reward(f"judge(rubric={str(rubric_path)!r}, url={ep.url!r}, model='m', timeout=5, max_retries=0)")
+    assert judge.is_judge and judge.backend.timeout == 5 and judge.rubric.name == "helpfulness"
+    result = RewardSet([judge, "format"])(["Q?"], ["GOOD"])
+    assert len(ep.requests) == 1 and ep.requests[0]["model"] == "m"
+    assert result.per_func["judge"][0] == 1.0 and result.summary()["judge/mean"] == 1.0
+    with pytest.raises(MlxRftError, match="needs arguments"):
+        resolve_reward("judge")
+    with pytest.raises(MlxRftError, match="exactly one back end"):
+        resolve_reward(f"judge(rubric={str(rubric_path)!r})")
+    with pytest.raises(MlxRftError, match="unexpected keyword"):
+        resolve_reward(f"judge(rubric={str(rubric_path)!r}, url={ep.url!r}, temperture=0)")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real mlx_lm.server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlx_server(model_dir, log_path):
+    """`mlx_lm.server` on a free port; fast BLAS loaded first (mlx_rft import) as everywhere."""
+    port = free_port()
+    args = ["--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)]
+    boot = (
+        "import sys, runpy, mlx_rft\n"
+        f"sys.argv = ['mlx_lm.server', *{args!r}]\n"
+        "runpy.run_module('mlx_lm.server', run_name='__main__')\n"
+    )
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, "-c", boot], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.close()
+            raise RuntimeError(f"mlx_lm.server exited: {Path(log_path).read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, port, log
+        except OSError:
+            time.sleep(0.25)
+    stop_server(proc, log)
+    raise RuntimeError("mlx_lm.server did not come up within 120 s")
+
+
+def stop_server(proc, log):
+    # SIGINT lets the server exit normally (so its OpenMP runtime removes its /dev/shm file).
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model_factory, tmp_path_factory):
+    proc, port, log = start_mlx_server(tiny_model_factory("qwen3"), tmp_path_factory.mktemp("srv") / "log")
+    yield f"http://127.0.0.1:{port}/v1"
+    stop_server(proc, log)
+
+
+def test_mlx_lm_server_plumbing(tiny_server, rubric):
+    backend = OpenAIJudge(tiny_server, "default_model", max_tokens=12, timeout=60, max_retries=1)
+    judge = make_judge_reward(rubric, backend)
+    result = RewardSet([judge])(["Q?"] * 3, ["one", "two", "one"])
+    # The random tiny model answers every request (no back-end failure) with unparseable text.
+    assert result.metrics["judge/requests"] == 2.0 and result.metrics["judge/backend_failures"] == 0.0
+    assert all(isinstance(t, str) for t in judge.last_texts)
+    parsed = ~np.isnan(result.per_func["judge"])
+    assert result.metrics["judge/parse_failures"] == float((~parsed).sum())
+    assert np.all((result.per_func["judge"][parsed] >= 0) & (result.per_func["judge"][parsed] <= 1))
+    again = RewardSet([judge])(["Q?"] * 3, ["one", "two", "one"])
+    assert again.metrics["judge/cache_hits"] == 3.0 and again.metrics["judge/requests"] == 0.0
+    np.testing.assert_array_equal(np.isnan(again.total), np.isnan(result.total))
+
+
+@pytest.mark.slow
+def test_real_default_model_judge_replies_parse(default_model_dir, tmp_path):
+    proc, port, log = start_mlx_server(default_model_dir, tmp_path / "log")
+    try:
+        rubric = load_rubric(EXAMPLES / "helpfulness.yaml")
+        backend = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "default_model", max_tokens=40, timeout=300)
+        judge = make_judge_reward(rubric, backend)
+        out = score(judge, ["The capital of France is Paris.", "Bananas are yellow."],
+                    prompts=["What is the capital of France?", "What is the capital of France?"])
+    finally:
+        stop_server(proc, log)
+    # SmolLM2-135M follows the few-shot JSON format: its replies parse into scores on the scale.
+    assert out.metrics["backend_failures"] == 0.0
+    assert out.metrics["parse_failures"] == 0.0, judge.last_texts
+    assert all(0.0 <= s <= 1.0 for s in out.scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# The local MLX back end
+
+
+def test_mlx_judge_uses_the_base_model_when_adapters_are_on(tiny_qwen3, rubric):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlx_rft.models import load_model
+
+    model, tok = load_model(tiny_qwen3)
+    batch = [rubric.messages("What is 2+2?", "4"), rubric.messages("Name a color.", "Blue")]
+    base = MLXJudge(model, tok, max_new_tokens=12, disable_adapters=False).generate(batch)
+    assert len(base) == 2 and all(isinstance(t, str) and t for t in base)
+
+    # Turn the model into a policy with LoRA adapters that really change its outputs.
+    linear_to_lora_layers(model, 2, {"rank": 8, "scale": 20.0, "dropout": 0.0})
+    mx.random.seed(0)
+    lora_b = [
+        (k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.parameters()) if k.endswith("lora_b")
+    ]
+    assert lora_b
+    model.update(tree_unflatten(lora_b))
+    policy = MLXJudge(model, tok, max_new_tokens=12, disable_adapters=False).generate(batch)
+    judged = MLXJudge(model, tok, max_new_tokens=12).generate(batch)
+    assert policy != base  # the adapters matter...
+    assert judged == base  # ...and the judge runs without them
+    assert MLXJudge(model, tok, max_new_tokens=12, disable_adapters=False).generate(batch) == policy  # restored
+
+    judge = make_judge_reward(rubric, MLXJudge(model, tok, max_new_tokens=12))
+    result = RewardSet([judge])(["Q?"] * 2, ["a", "b"])
+    assert result.metrics["judge/requests"] == 2.0 and result.metrics["judge/backend_failures"] == 0.0
+    assert result.metrics["judge/parse_failures"] == float(np.isnan(result.total).sum())
