@@ -34,6 +34,14 @@ from .optim import build_optimizer
 from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
 
 
+# LossStats fields -> metric names (the health monitor reads clip/region_frac).
+STAT_NAMES = {
+    "clip_low": "clip/low_frac", "clip_high": "clip/high_frac", "clip_region": "clip/region_frac",
+    "ratio_mean": "ratio/mean", "kl_mean": "kl", "entropy_mean": "entropy",
+    "num_tokens": "tokens/completion", "num_loss_tokens": "tokens/in_loss",
+}
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -175,8 +183,12 @@ class GRPOTrainer:
         )
 
     def score(self, reward_set, examples, rollouts: RolloutBatch):
+        """Run every reward function once on the step's completions."""
         prompts = [e.prompt for e in examples for _ in range(rollouts.group_size)]
-        return reward_set(prompts, rollouts.texts, _rows_columns(examples, rollouts.group_size))
+        columns = _rows_columns(examples, rollouts.group_size)
+        ids, mask = np.asarray(rollouts.completion_ids), np.asarray(rollouts.completion_mask)
+        columns["completion_ids"] = [row[m > 0].tolist() for row, m in zip(ids, mask)]
+        return reward_set(prompts, rollouts.texts, columns)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out score with the first reward (pass@1; pass@k when eval_k > 1)."""
@@ -217,8 +229,8 @@ class GRPOTrainer:
                 loss_cfg, logp, old_lp, ref_lp, adv, mask,
                 entropy=entropy if need_entropy else None, **norms,
             )
-            stats = {k: v for k, v in dataclasses.asdict(stats).items() if isinstance(v, mx.array)}
-            stats["entropy"] = (entropy * mask).sum() / mx.maximum(mask.sum(), 1)
+            stats = stats.as_dict()
+            stats["entropy_mean"] = (entropy * mask).sum() / mx.maximum(mask.sum(), 1)
             return loss, stats
 
         return nn.value_and_grad(self.model, loss_fn)
@@ -243,8 +255,11 @@ class GRPOTrainer:
         mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
         out = {"loss": loss_acc, "grad_norm": grad_norm.item()}
         for k, pairs in stats_acc.items():
+            if k in ("num_tokens", "num_loss_tokens"):
+                out[STAT_NAMES[k]] = sum(v for v, _ in pairs)
+                continue
             tot = sum(w for _, w in pairs)
-            out[k] = sum(v * w for v, w in pairs) / tot if tot else float("nan")
+            out[STAT_NAMES.get(k, k)] = sum(v * w for v, w in pairs) / tot if tot else float("nan")
         return out
 
     # ------------------------------------------------------------------ loop
@@ -283,6 +298,9 @@ class GRPOTrainer:
             for r in reporters:
                 r.log(0, eval_before)
 
+        from ..health import HealthMonitor
+
+        self.health = HealthMonitor(log_warnings=False)
         loss_and_grad = self._make_loss()
         sampling = sampling_from(cfg)
         interrupted = False
@@ -306,6 +324,9 @@ class GRPOTrainer:
                     ev = self.evaluate(step)
                     metrics.update(ev)
                     history[-1].update(ev)
+                for alarm in self.health.update(step, metrics):
+                    self._log(f"health alarm: {alarm}")
+                metrics.update(self.health.metrics())
                 for r in reporters:
                     r.log(step, metrics)
                 if step % cfg.log_every == 0 or step == cfg.num_steps:
@@ -363,11 +384,9 @@ class GRPOTrainer:
 
         adv = group_advantages(rewards.total, G, scale=cfg.scale_rewards)
         mask = rollouts.completion_mask
-        keep = np.ones(len(rollouts.texts), dtype=np.float32)
+        keep = adv.row_mask(drop_zero_std=cfg.drop_zero_std_groups)
         if cfg.mask_truncated_completions:
             keep *= np.array([r != "length" for r in rollouts.finish_reasons], dtype=np.float32)
-        if cfg.drop_zero_std_groups:
-            keep *= ~np.asarray(adv.zero_std_mask)
         mask = mask * mx.array(keep)[:, None]
         advantages = mx.array(np.asarray(adv.advantages, dtype=np.float32))
         prompts = [e.prompt_ids for e in examples]
@@ -397,7 +416,7 @@ class GRPOTrainer:
                 p, g, rollouts.completion_ids[a:b], mask[a:b], rollouts.logprobs[a:b],
                 None if ref_lp is None else ref_lp[a:b], advantages[a:b],
             ))
-        totals = {"num_sequences": n, "num_tokens": max(float(mask.sum().item()), 1.0)}
+        totals = {"num_sequences": n, "global_token_count": max(float(mask.sum().item()), 1.0)}
 
         t0 = time.perf_counter()
         snapshot = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
@@ -415,12 +434,11 @@ class GRPOTrainer:
         lengths = np.asarray(rollouts.completion_mask.sum(axis=1))
         gen_tokens = float(lengths.sum())
         m: dict[str, Any] = {
-            "reward/mean": float(np.nanmean(rewards.total)) if np.isfinite(rewards.total).any() else float("nan"),
-            "reward/std": float(np.nanstd(rewards.total)) if np.isfinite(rewards.total).any() else float("nan"),
+            **rewards.summary(),
             "advantage/mean": float(np.mean(adv.advantages)),
             "advantage/std": float(np.std(adv.advantages)),
             "advantage/abs_max": float(np.max(np.abs(adv.advantages))),
-            "frac_zero_std_groups": adv.num_zero_std_groups / cfg.prompts_per_step,
+            "frac_zero_std_groups": adv.num_zero_std_groups / len(examples),
             "completion/mean_length": float(lengths.mean()),
             "completion/min_length": float(lengths.min()),
             "completion/max_length": float(lengths.max()),
@@ -430,14 +448,9 @@ class GRPOTrainer:
             "time/generate": t_gen, "time/reward": t_rew, "time/logprobs": t_lp,
             "time/update": t_upd, "time/step": t_step,
             "memory/peak_gb": mx.get_peak_memory() / 1e9,
-            "lr": float(self.optimizer.learning_rate.item() if isinstance(self.optimizer.learning_rate, mx.array) else self.optimizer.learning_rate),
+            "lr": _current_lr(self.optimizer),
             **upd,
         }
-        for name, values in rewards.per_func.items():
-            finite = values[np.isfinite(values)]
-            m[f"rewards/{name}/mean"] = float(finite.mean()) if finite.size else float("nan")
-            m[f"rewards/{name}/std"] = float(finite.std()) if finite.size else float("nan")
-            m[f"rewards/{name}/none"] = int((~np.isfinite(values)).sum())
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             import json
 
@@ -450,6 +463,11 @@ class GRPOTrainer:
                 }) + "\n")
             rollout_log.flush()
         return m
+
+
+def _current_lr(optimizer) -> float:
+    lr = optimizer.learning_rate
+    return float(lr.item() if isinstance(lr, mx.array) else lr)
 
 
 def _num(x) -> float | None:
