@@ -371,6 +371,8 @@ class GRPOTrainer:
         G = cfg.group_size
         t_start = time.perf_counter()
         mx.reset_peak_memory()
+        # Dropout and any other global-PRNG use start from a per-step seed: resume replays exactly.
+        mx.random.seed(step_seed(cfg.seed, step, salt=1))
         examples = [self.train_data[i] for i in sampler.next_global()]
 
         t0 = time.perf_counter()
