@@ -1,0 +1,298 @@
+"""The rollout engine: B prompts x G samples in one batched decode loop.
+
+    prompts ──> one left-padded prefill of the B distinct prompts
+            ──> KV cache fanned out to N = B * G rows (each prompt's G samples share its prefill)
+            ──> decode loop: all unfinished rows advance one token per model call;
+                finished rows are dropped from the batch (and the cache)
+            ──> RolloutBatch (ids, mask, behaviour log-probs, texts, finish reasons)
+
+The loop is pipelined like mlx-lm's `generate_step`: step t+1 is queued on the device
+(`mx.async_eval`) before the host reads step t's tokens, so building the graph and the host's
+bookkeeping (EOS, stop strings, finished rows) overlap the forward pass. The one host sync per
+step is reading the sampled tokens and their log-probs.
+
+Stopping (per row, first match wins): an EOS id of the tokenizer (any of
+`tokenizer.eos_token_ids`) -> "stop", kept in the mask; a stop string in the decoded text ->
+"stop", cut as described in `stopping.py`; `max_new_tokens` tokens -> "length".
+
+Randomness: all draws come from an explicit key, `mx.random.key(seed)` split once per step,
+so MLX's global PRNG is left untouched when `seed` is given and a fixed seed reproduces the same
+completions for the same inputs. With `seed=None` one number is drawn from the global PRNG
+(so `mx.random.seed` still makes runs repeatable) and used as the seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import MlxRftError
+from ..types import RolloutBatch, SamplingConfig
+from .cache import make_rollout_cache
+from .sampling import TokenSampler, penalty_counts, step_uniforms, validate_sampling
+from .stopping import StopStringMatcher
+
+PREFILL_STEP_SIZE = 512
+
+
+@dataclass
+class RolloutStats:
+    """What one `generate_rollouts` call did; pass an instance as `stats=` to have it filled."""
+
+    prompt_tokens: int = 0  # real (unpadded) tokens of the B distinct prompts, each prefilled once
+    completion_tokens: int = 0  # tokens kept in the N completions (the mask's sum)
+    decode_steps: int = 0  # batched model calls after the prefill
+    row_steps: int = 0  # sum over decode steps of the rows in the batch (compute actually spent)
+    compactions: int = 0  # times finished rows were dropped from the batch
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def completion_tokens_per_second(self) -> float:
+        total = self.prefill_seconds + self.decode_seconds
+        return self.completion_tokens / total if total > 0 else 0.0
+
+
+def _check_inputs(prompt_ids, group_size, sampling) -> list[list[int]]:
+    if not isinstance(sampling, SamplingConfig):
+        raise MlxRftError(
+            f"sampling must be a mlx_rft.types.SamplingConfig, got {type(sampling).__name__}"
+        )
+    validate_sampling(sampling)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise MlxRftError(f"group_size={group_size!r} is invalid; set it to an integer >= 1")
+    if not isinstance(prompt_ids, Sequence) or len(prompt_ids) == 0:
+        raise MlxRftError("prompt_ids is empty; pass a list with one list of token ids per prompt")
+    prompts = []
+    for b, p in enumerate(prompt_ids):
+        if isinstance(p, mx.array):
+            p = p.tolist()
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
+            raise MlxRftError(
+                f"prompt {b} is not a non-empty list of token ids; tokenize it first "
+                "(e.g. tokenizer.apply_chat_template(messages, add_generation_prompt=True))"
+            )
+        p = [int(t) for t in p]
+        if min(p) < 0:
+            raise MlxRftError(f"prompt {b} has a negative token id {min(p)}; pass valid token ids")
+        prompts.append(p)
+    return prompts
+
+
+def _prefill(model, cache, tokens: mx.array, step: int) -> mx.array:
+    """Run the [B, P] left-padded prompts through the model; returns last-position logits [B, V].
+
+    All but the last position go in chunks whose logits are never evaluated (only the cache
+    is), so the LM head runs on one position per row.
+    """
+    body, last = tokens[:, :-1], tokens[:, -1:]
+    for start in range(0, body.shape[1], step):
+        model(body[:, start : start + step], cache=cache)
+        mx.eval([c.state for c in cache])
+    return model(last, cache=cache)[:, -1, :]
+
+
+def _compact_due(finished: int, active: int) -> bool:
+    # Dropping rows copies the kept rows' KV cache; doing it as soon as any row finishes costs a
+    # gather per finish. Waiting until an eighth of the batch is done (or the batch is small)
+    # keeps copies rare while a finished row rides along for at most a few steps.
+    return finished > 0 and (finished * 8 >= active or active <= 4)
+
+
+def generate_rollouts(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    group_size: int,
+    sampling: SamplingConfig,
+    *,
+    seed: int | None = None,
+    ignore_eos: bool = False,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
+    stats: RolloutStats | None = None,
+) -> RolloutBatch:
+    """Sample `group_size` completions for each prompt in one batched decode loop.
+
+    Args:
+        model: an mlx-lm model (e.g. from `mlx_rft.models.load_model`).
+        tokenizer: its mlx-lm TokenizerWrapper (EOS ids, decoding).
+        prompt_ids: B prompts as lists of token ids (chat template already applied).
+        group_size: G completions per prompt; row n of the result belongs to prompt n // G.
+        sampling: temperature (0 = greedy), truncation, penalties, max_new_tokens, stop strings.
+        seed: PRNG seed; a fixed seed reproduces the same completions (see module docstring).
+        ignore_eos: keep generating past EOS (benchmarks that need fixed-length rows).
+        prefill_step_size: prompt positions per prefill forward (bounds prefill memory).
+        stats: optional RolloutStats filled with token counts and timings.
+
+    Returns:
+        RolloutBatch with N = B * G rows; `logprobs` are log_softmax(logits / T) of the sampled
+        tokens without penalties or truncation (the behaviour log-probs the loss uses), and
+        `truncated_logprobs` those of the distribution actually sampled from (see sampling.py).
+    """
+    prompts = _check_inputs(prompt_ids, group_size, sampling)
+    stats = stats if stats is not None else RolloutStats()
+    B, G = len(prompts), group_size
+    N = B * G
+    max_new = sampling.max_new_tokens
+    eos_ids = set() if ignore_eos else {int(t) for t in tokenizer.eos_token_ids}
+    stopper = StopStringMatcher(tokenizer, sampling.stop)
+
+    if seed is None:
+        seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
+    key = mx.random.key(seed)
+
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    if vocab is not None:
+        for b, p in enumerate(prompts):
+            if max(p) >= vocab:
+                raise MlxRftError(
+                    f"prompt {b} has token id {max(p)} but the model's vocabulary has {vocab} "
+                    "entries; tokenize prompts with this model's own tokenizer"
+                )
+
+    # ---- prefill the B distinct prompts once, left-padded to a common length ----
+    tic = time.perf_counter()
+    lengths = [len(p) for p in prompts]
+    P = max(lengths)
+    padding = [P - n for n in lengths]
+    cache = make_rollout_cache(model, padding)
+    padded = mx.array([[0] * pad + p for pad, p in zip(padding, prompts)], dtype=mx.int32)
+    logits = _prefill(model, cache, padded, max(1, int(prefill_step_size)))
+    vocab_size = logits.shape[-1]
+    for c in cache:
+        # Room for the first 256 new tokens; past that the cache grows by 256 positions at a
+        # time (mlx-lm's BatchKVCache policy), so rows that finish early never cost memory for
+        # the full max_new_tokens.
+        c.expand(G, capacity=P + min(max_new, c.step))
+    if G > 1:
+        logits = mx.repeat(logits, G, axis=0)
+
+    protected = set(eos_ids) | set(tokenizer.encode("\n", add_special_tokens=False))
+    sampler = TokenSampler(sampling, vocab_size, protected_ids=sorted(protected))
+
+    # Penalty context: the last C tokens of prompt + completion per row, as [N, C] ids + validity.
+    context = valid = None
+    if sampler.uses_penalties:
+        C = sampling.repetition_context_size
+        tails = [p[-C:] for p in prompts]
+        ctx = np.zeros((B, C), np.int32)
+        val = np.zeros((B, C), np.float32)
+        for b, t in enumerate(tails):
+            if t:
+                ctx[b, C - len(t) :] = t
+                val[b, C - len(t) :] = 1.0
+        context = mx.repeat(mx.array(ctx), G, axis=0)
+        valid = mx.repeat(mx.array(val), G, axis=0)
+
+    def sample(step_logits, step_key, live, ctx, val):
+        counts = penalty_counts(ctx, val, vocab_size) if ctx is not None else None
+        out = sampler(step_logits, step_uniforms(step_key, live, N), counts)
+        if ctx is not None:
+            ctx = mx.concatenate([ctx[:, 1:], out.tokens[:, None]], axis=1)
+            val = mx.concatenate([val[:, 1:], mx.ones((val.shape[0], 1), val.dtype)], axis=1)
+        return out, ctx, val
+
+    live = mx.arange(N)  # output row of each batch position, on the device
+    key, sub = mx.random.split(key)
+    cur, context, valid = sample(logits, sub, live, context, valid)
+    mx.eval(cur.tokens, cur.logprobs, cur.truncated_logprobs)  # so prefill_seconds is complete
+    stats.prompt_tokens += sum(lengths)
+    stats.prefill_seconds += time.perf_counter() - tic
+
+    # ---- decode ----
+    tic = time.perf_counter()
+    rows = list(range(N))  # batch position -> output row
+    out_ids: list[list[int]] = [[] for _ in range(N)]
+    out_lp: list[list[float]] = [[] for _ in range(N)]
+    out_tlp: list[list[float]] = [[] for _ in range(N)]
+    finish: list[str | None] = [None] * N
+    riding = 0  # finished rows still in the batch (dropped at the next compaction)
+
+    for step in range(max_new):
+        nxt = None
+        if step + 1 < max_new:
+            # Queue step t+1 before reading step t (rows that turn out finished ride along).
+            step_logits = model(cur.tokens[:, None], cache=cache)[:, -1, :]
+            key, sub = mx.random.split(key)
+            nxt, next_context, next_valid = sample(step_logits, sub, live, context, valid)
+            mx.async_eval(nxt.tokens, nxt.logprobs, nxt.truncated_logprobs)
+            stats.decode_steps += 1
+            stats.row_steps += len(rows)
+
+        toks = cur.tokens.tolist()
+        lps = cur.logprobs.tolist()
+        tlps = cur.truncated_logprobs.tolist()
+        for i, r in enumerate(rows):
+            if finish[r] is not None:
+                continue
+            t = toks[i]
+            out_ids[r].append(t)
+            out_lp[r].append(lps[i])
+            out_tlp[r].append(tlps[i])
+            if t in eos_ids or (stopper and stopper.completed(out_ids[r])):
+                finish[r] = "stop"
+            elif len(out_ids[r]) >= max_new:
+                finish[r] = "length"
+            if finish[r] is not None:
+                riding += 1
+
+        if nxt is None or riding == len(rows):
+            break
+        if _compact_due(riding, len(rows)):
+            keep = [i for i, r in enumerate(rows) if finish[r] is None]
+            for c in cache:
+                c.filter(keep)
+            idx = mx.array(keep)
+            nxt = type(nxt)(nxt.tokens[idx], nxt.logprobs[idx], nxt.truncated_logprobs[idx])
+            if next_context is not None:
+                next_context, next_valid = next_context[idx], next_valid[idx]
+            rows = [rows[i] for i in keep]
+            live = mx.array(rows)
+            riding = 0
+            stats.compactions += 1
+        cur = nxt
+        if sampler.uses_penalties:
+            context, valid = next_context, next_valid
+
+    del cache, cur, nxt
+    stats.decode_seconds += time.perf_counter() - tic
+    return _assemble(
+        tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, stopper, stats
+    )
+
+
+def _assemble(tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, stopper, stats):
+    N = len(out_ids)
+    T = max(len(t) for t in out_ids)
+    ids = np.zeros((N, T), np.int32)
+    mask = np.zeros((N, T), np.float32)
+    lp = np.zeros((N, T), np.float32)
+    tlp = np.zeros((N, T), np.float32)
+    texts = []
+    for n in range(N):
+        k = len(out_ids[n])
+        ids[n, :k] = out_ids[n]
+        mask[n, :k] = 1.0
+        lp[n, :k] = out_lp[n]
+        tlp[n, :k] = out_tlp[n]
+        body = out_ids[n]
+        if body and body[-1] in eos_ids and finish[n] == "stop":
+            body = body[:-1]
+        text = tokenizer.decode(body)
+        texts.append(stopper.cut(text) if stopper and finish[n] == "stop" else text)
+    stats.completion_tokens += int(mask.sum())
+    return RolloutBatch(
+        prompt_ids=[list(p) for p in prompts],
+        completion_ids=mx.array(ids),
+        completion_mask=mx.array(mask),
+        logprobs=mx.array(lp),
+        truncated_logprobs=mx.array(tlp),
+        texts=texts,
+        finish_reasons=[f or "length" for f in finish],
+        group_index=[n // G for n in range(N)],
+        group_size=G,
+    )
