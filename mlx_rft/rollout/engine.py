@@ -111,6 +111,8 @@ def generate_rollouts(
     sampling: SamplingConfig,
     *,
     seed: int | None = None,
+    row_offset: int = 0,
+    total_rows: int | None = None,
     ignore_eos: bool = False,
     prefill_step_size: int = PREFILL_STEP_SIZE,
     stats: RolloutStats | None = None,
@@ -124,6 +126,10 @@ def generate_rollouts(
         group_size: G completions per prompt; row n of the result belongs to prompt n // G.
         sampling: temperature (0 = greedy), truncation, penalties, max_new_tokens, stop strings.
         seed: PRNG seed; a fixed seed reproduces the same completions (see module docstring).
+        row_offset, total_rows: number this call's rows as rows row_offset.. of a larger batch of
+            total_rows rows (default: this call's N). Each row's random draws depend only on the
+            seed and its global number, so a batch split over processes samples exactly what one
+            process would (data-parallel training relies on this).
         ignore_eos: keep generating past EOS (benchmarks that need fixed-length rows).
         prefill_step_size: prompt positions per prefill forward (bounds prefill memory).
         stats: optional RolloutStats filled with token counts and timings.
@@ -134,6 +140,12 @@ def generate_rollouts(
         `truncated_logprobs` those of the distribution actually sampled from (see sampling.py).
     """
     prompts = _check_inputs(prompt_ids, group_size, sampling)
+    draw_rows = len(prompts) * group_size if total_rows is None else int(total_rows)
+    if row_offset < 0 or row_offset + len(prompts) * group_size > draw_rows:
+        raise MlxRftError(
+            f"rows {row_offset}..{row_offset + len(prompts) * group_size} do not fit in "
+            f"total_rows={draw_rows}; pass the global row count and this call's first row"
+        )
     stats = stats if stats is not None else RolloutStats()
     B, G = len(prompts), group_size
     N = B * G
@@ -190,7 +202,7 @@ def generate_rollouts(
 
     def sample(step_logits, step_key, live, ctx, val):
         counts = penalty_counts(ctx, val, vocab_size) if ctx is not None else None
-        out = sampler(step_logits, step_uniforms(step_key, live, N), counts)
+        out = sampler(step_logits, step_uniforms(step_key, live + row_offset, draw_rows), counts)
         if ctx is not None:
             ctx = mx.concatenate([ctx[:, 1:], out.tokens[:, None]], axis=1)
             val = mx.concatenate([val[:, 1:], mx.ones((val.shape[0], 1), val.dtype)], axis=1)

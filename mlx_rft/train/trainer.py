@@ -31,6 +31,7 @@ from ..types import PromptExample, RolloutBatch, SamplingConfig
 from . import checkpoint as ckpt
 from .metrics import build_reporters, format_step_line, write_report
 from .optim import build_optimizer
+from .distributed import init_world
 from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
 
 
@@ -175,11 +176,11 @@ class GRPOTrainer:
         self.eval_reward = RewardSet(funcs[:1], on_error="none")
 
     # ------------------------------------------------------------------ pieces
-    def generate(self, examples: Sequence[PromptExample], group_size: int, sampling, seed) -> RolloutBatch:
+    def generate(self, examples: Sequence[PromptExample], group_size: int, sampling, seed, **kw) -> RolloutBatch:
         from ..rollout import generate_rollouts
 
         return generate_rollouts(
-            self.model, self.tokenizer, [e.prompt_ids for e in examples], group_size, sampling, seed=seed
+            self.model, self.tokenizer, [e.prompt_ids for e in examples], group_size, sampling, seed=seed, **kw
         )
 
     def score(self, reward_set, examples, rollouts: RolloutBatch):
@@ -247,6 +248,8 @@ class GRPOTrainer:
             weight = float(mb[3].sum().item())
             for k, v in stats.items():
                 stats_acc.setdefault(k, []).append((float(v.item()), weight))
+        grads_acc = self.world.sum_tree(grads_acc)
+        loss_acc = self.world.sum_floats(loss_acc)[0]
         grad_norm = global_norm(grads_acc)
         if cfg.max_grad_norm > 0:
             scale = mx.minimum(cfg.max_grad_norm / (grad_norm + 1e-6), 1.0)
@@ -267,13 +270,23 @@ class GRPOTrainer:
         from ..algo.advantages import group_advantages
 
         cfg = self.cfg
+        world = self.world = init_world()
+        if cfg.prompts_per_step % world.size:
+            raise MlxRftError(
+                f"prompts_per_step={cfg.prompts_per_step} does not split over {world.size} processes; "
+                f"use a multiple of {world.size}"
+            )
+        main = world.is_main
         run_dir = Path(cfg.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
         self._setup_model()
         self._setup_data()
         from ..data import PromptSampler
 
-        sampler = PromptSampler(len(self.train_data), cfg.prompts_per_step, seed=cfg.seed)
+        sampler = PromptSampler(
+            len(self.train_data), cfg.prompts_per_step, seed=cfg.seed, rank=world.rank, world_size=world.size
+        )
         start_step, history = 0, []
         eval_before: dict[str, float] = {}
         if cfg.resume:
@@ -284,15 +297,19 @@ class GRPOTrainer:
             eval_before = state.get("eval_before", {})
             history = state.get("history", [])
             self._log(f"resumed from {path} at step {start_step}")
-        save_config(cfg, run_dir / "config.yaml")
-        reporters = build_reporters(cfg.report_to, run_dir, cfg.to_dict(), append=start_step > 0)
-        rollout_log = open(run_dir / "rollouts.jsonl", "a" if start_step else "w")
-        self._log(
-            f"model {self.model_dir.name} ({cfg.finetune_type}): {self.param_counts.describe()}; "
-            f"{len(self.train_data)} train / {len(self.eval_data)} eval prompts; "
-            f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
-        )
-        if not eval_before:
+        # Rank 0 alone writes logs, metrics and checkpoints.
+        reporters, rollout_log = [], None
+        if main:
+            save_config(cfg, run_dir / "config.yaml")
+            reporters = build_reporters(cfg.report_to, run_dir, cfg.to_dict(), append=start_step > 0)
+            rollout_log = open(run_dir / "rollouts.jsonl", "a" if start_step else "w")
+            self._log(
+                f"model {self.model_dir.name} ({cfg.finetune_type}): {self.param_counts.describe()}; "
+                f"{len(self.train_data)} train / {len(self.eval_data)} eval prompts; "
+                f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
+                + (f" over {world.size} processes" if world.size > 1 else "")
+            )
+        if main and not eval_before:
             eval_before = self.evaluate(0)
             self._log(f"eval before training: {eval_before}")
             for r in reporters:
@@ -320,27 +337,33 @@ class GRPOTrainer:
             for step in range(start_step + 1, cfg.num_steps + 1):
                 metrics = self._train_step(step, sampler, sampling, loss_and_grad, group_advantages, rollout_log)
                 history.append({"step": step, **metrics})
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+                if main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
                     ev = self.evaluate(step)
                     metrics.update(ev)
                     history[-1].update(ev)
-                for alarm in self.health.update(step, metrics):
-                    self._log(f"health alarm: {alarm}")
-                metrics.update(self.health.metrics())
-                for r in reporters:
-                    r.log(step, metrics)
-                if step % cfg.log_every == 0 or step == cfg.num_steps:
-                    self._log(format_step_line(step, cfg.num_steps, metrics))
+                if main:
+                    for alarm in self.health.update(step, metrics):
+                        self._log(f"health alarm: {alarm}")
+                    metrics.update(self.health.metrics())
+                    for r in reporters:
+                        r.log(step, metrics)
+                    if step % cfg.log_every == 0 or step == cfg.num_steps:
+                        self._log(format_step_line(step, cfg.num_steps, metrics))
+                # Every rank stops at the same step when any of them got Ctrl-C.
+                stop = world.sum_floats(float(bool(stop_requested)))[0] > 0
                 last = step == cfg.num_steps
-                if stop_requested or last or step % cfg.save_every == 0:
+                if main and (stop or last or step % cfg.save_every == 0):
                     self._save(run_dir, step, sampler, eval_before, history)
-                if stop_requested:
+                if stop:
                     interrupted = True
                     break
         finally:
             signal.signal(signal.SIGINT, previous_sigint)
-            rollout_log.close()
+            if rollout_log is not None:
+                rollout_log.close()
         eval_after: dict[str, float] = {}
+        if not main:
+            return TrainResult(run_dir, step, eval_before, eval_after, history, interrupted)
         if not interrupted:
             eval_after = self.evaluate(step)
             history.append({"step": step, **eval_after})
@@ -373,10 +396,16 @@ class GRPOTrainer:
         mx.reset_peak_memory()
         # Dropout and any other global-PRNG use start from a per-step seed: resume replays exactly.
         mx.random.seed(step_seed(cfg.seed, step, salt=1))
-        examples = [self.train_data[i] for i in sampler.next_global()]
+        world = self.world
+        examples = [self.train_data[i] for i in next(sampler)]
+        n_local = len(examples) * G
 
         t0 = time.perf_counter()
-        rollouts = self.generate(examples, G, sampling, seed=step_seed(cfg.seed, step))
+        # Rows are numbered globally so each sample's random draws match the single-process run.
+        rollouts = self.generate(
+            examples, G, sampling, seed=step_seed(cfg.seed, step),
+            row_offset=world.rank * n_local, total_rows=world.size * n_local,
+        )
         mx.eval(rollouts.completion_ids, rollouts.logprobs)
         t_gen = time.perf_counter() - t0
 
@@ -384,7 +413,13 @@ class GRPOTrainer:
         rewards = self.score(self.rewards, examples, rollouts)
         t_rew = time.perf_counter() - t0
 
-        adv = group_advantages(rewards.total, G, scale=cfg.scale_rewards)
+        batch_stats = None
+        if world.size > 1 and cfg.scale_rewards == "batch":
+            from ..algo.advantages import RewardMoments
+
+            moments = RewardMoments.from_array(world.sum_floats(*RewardMoments.of(rewards.total).as_array()))
+            batch_stats = moments.mean_std()
+        adv = group_advantages(rewards.total, G, scale=cfg.scale_rewards, batch_stats=batch_stats)
         mask = rollouts.completion_mask
         keep = adv.row_mask(drop_zero_std=cfg.drop_zero_std_groups)
         if cfg.mask_truncated_completions:
@@ -418,7 +453,9 @@ class GRPOTrainer:
                 p, g, rollouts.completion_ids[a:b], mask[a:b], rollouts.logprobs[a:b],
                 None if ref_lp is None else ref_lp[a:b], advantages[a:b],
             ))
-        totals = {"num_sequences": n, "global_token_count": max(float(mask.sum().item()), 1.0)}
+        # Normalise by the whole step's counts over all processes, then sum gradients: exact.
+        global_tokens = world.sum_floats(float(mask.sum().item()))[0]
+        totals = {"num_sequences": n * world.size, "global_token_count": max(global_tokens, 1.0)}
 
         t0 = time.perf_counter()
         snapshot = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
@@ -453,7 +490,12 @@ class GRPOTrainer:
             "lr": _current_lr(self.optimizer),
             **upd,
         }
-        if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+        if world.size > 1:  # the step's reward statistics over all processes
+            everything = world.gather(np.asarray(rewards.total, dtype=np.float32))
+            finite = everything[np.isfinite(everything)]
+            m["reward/mean"] = float(finite.mean()) if finite.size else float("nan")
+            m["reward/std"] = float(finite.std()) if finite.size else float("nan")
+        if rollout_log is not None and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             import json
 
             for i in range(len(rollouts.texts)):
