@@ -53,12 +53,16 @@ class GRPOConfig:
     task: str | None = _f(
         None, "built-in task (a reasoning-gym dataset name); empty with no train_file = the default task"
     )
-    task_size: int = _f(2000, "number of generated task examples (train + eval)")
+    task_size: int = _f(2000, "number of generated training examples for a built-in task")
+    task_options: list[str] = _f(
+        [], "extra task options as key=value (e.g. prompt_format=direct, format_weight=0.2)"
+    )
     train_file: str | None = _f(None, "prompts file: JSONL, JSON, CSV or Parquet with prompt or messages")
     eval_file: str | None = _f(None, "held-out prompts file (default: split off the training data)")
-    eval_size: int = _f(64, "held-out prompts split off the training data when eval_file is empty")
+    eval_size: int = _f(64, "held-out prompts (split off the training data when eval_file is empty)")
     system_prompt: str | None = _f(None, "system message prepended to every prompt (overrides the task's)")
-    max_prompt_length: int = _f(512, "prompts longer than this many tokens are rejected")
+    max_prompt_length: int = _f(512, "maximum prompt length in tokens")
+    on_long_prompt: str = _f("error", "error | skip | truncate: prompts over max_prompt_length")
     on_bad_row: str = _f("error", "error | skip: what to do with a malformed data row")
 
     # --- rewards ---
@@ -142,6 +146,9 @@ class GRPOConfig:
         choice("optimizer", OPTIMIZERS)
         choice("lr_schedule", SCHEDULES)
         choice("on_bad_row", ("error", "skip"))
+        choice("on_long_prompt", ("error", "skip", "truncate"))
+        for opt in self.task_options:
+            need("=" in opt, f"task option {opt!r} must look like key=value")
         choice("reward_on_error", ("raise", "none"))
         for r in self.report_to:
             need(r in REPORTERS, f"report_to has {r!r}; choose from {', '.join(REPORTERS)}")
@@ -207,6 +214,16 @@ class GRPOConfig:
         for name in ("learning_rate", "epsilon", "temperature", "beta"):
             need(math.isfinite(getattr(self, name)), f"{name} must be a finite number")
         return self
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """task_options parsed as key=value, values read as YAML scalars (numbers, booleans)."""
+        import yaml
+
+        out = {}
+        for opt in self.task_options:
+            key, _, value = opt.partition("=")
+            out[key.strip()] = yaml.safe_load(value)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -141,10 +141,13 @@ class GRPOTrainer:
         rows = self._train_rows
         if rows is None and cfg.train_file is None:
             name = cfg.task or DEFAULT_TASK.name
-            task = load_task(name, size=cfg.task_size, seed=cfg.seed)
+            task = load_task(name, size=cfg.task_size, seed=cfg.seed, eval_size=cfg.eval_size, **cfg.task_kwargs())
             rows = task.rows
         system = cfg.system_prompt if cfg.system_prompt is not None else getattr(task, "system_prompt", None)
-        opts = dict(system_prompt=system, max_prompt_length=cfg.max_prompt_length, on_bad_row=cfg.on_bad_row)
+        opts = dict(
+            system_prompt=system, max_prompt_length=cfg.max_prompt_length,
+            on_long_prompt=cfg.on_long_prompt, on_bad_row=cfg.on_bad_row,
+        )
         if rows is not None:
             train = PromptDataset.from_rows(rows, self.tokenizer, **opts)
         else:
@@ -171,6 +174,8 @@ class GRPOTrainer:
                 "no reward functions: pass --reward-funcs (e.g. accuracy format) or use a --task"
             )
         weights = list(cfg.reward_weights) or None
+        if weights is None and not specs and task is not None:
+            weights = list(getattr(task, "reward_weights", None) or []) or None
         self.rewards = RewardSet(funcs, weights=weights, on_error=cfg.reward_on_error)
         # Eval scores with the first reward (the task's accuracy), pass@k counts scores >= 1.
         self.eval_reward = RewardSet(funcs[:1], on_error="none")
