@@ -228,16 +228,13 @@ class GRPOTrainer:
         need_entropy = cfg.top_entropy_quantile < 1.0
 
         def loss_fn(model, prompts, group_size, ids, mask, old_lp, ref_lp, adv, norms):
+            # Entropy costs a second pass over [N, T, V] (~40% of the gradient pass on CPU), so it
+            # is computed only when entropy masking needs it (then it is also logged).
             logp, entropy = sequence_logprobs(
-                model, prompts, ids, mask, group_size, cfg.temperature, with_entropy=True
+                model, prompts, ids, mask, group_size, cfg.temperature, with_entropy=need_entropy
             )
-            loss, stats = compute_loss(
-                loss_cfg, logp, old_lp, ref_lp, adv, mask,
-                entropy=entropy if need_entropy else None, **norms,
-            )
-            stats = stats.as_dict()
-            stats["entropy_mean"] = (entropy * mask).sum() / mx.maximum(mask.sum(), 1)
-            return loss, stats
+            loss, stats = compute_loss(loss_cfg, logp, old_lp, ref_lp, adv, mask, entropy=entropy, **norms)
+            return loss, stats.as_dict()
 
         return nn.value_and_grad(self.model, loss_fn)
 

@@ -1,0 +1,113 @@
+"""GRPO step benchmark: time split, stability over many steps, peak memory, compute floor.
+
+Default job (issue figures): the embedded SmolLM2-135M-Instruct, 4 prompts x 4 completions, 64 new
+tokens (EOS ignored is not possible in training, so a length-shaped reward keeps completions long and
+every group's rewards varied), temperature 1.0, full fine-tuning, float32.
+
+    python bench/bench_step.py                       # 20 steps of the default model
+    python bench/bench_step.py --finetune-type lora
+    python bench/bench_step.py --qwen3-0.6b --steps 1  # random Qwen3-0.6B-shaped model, peak memory
+
+The compute floor is the FLOPs of the step (generation 2*P per token, the gradient pass 6*P per
+token for full fine-tuning or 4*P for LoRA, over prompt-shared tokens) divided by the float32 GEMM
+rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_rft import GRPOConfig, GRPOTrainer
+from mlx_rft.doctor import measure_gemm_gflops
+
+QWEN3_06B = dict(
+    hidden_size=1024, num_hidden_layers=28, intermediate_size=3072, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=4096,
+    rope_theta=1_000_000.0, tie_word_embeddings=True,
+)
+
+
+def long_answer(prompts, completions, **columns):
+    """Rewards completions for approaching 200 characters: varied within every group."""
+    return [-abs(200 - len(c)) / 200 for c in completions]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--finetune-type", default="full")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--qwen3-0.6b", dest="qwen", action="store_true", help="random Qwen3-0.6B-shaped model")
+    ap.add_argument("--json", default=None, help="write the summary here")
+    args = ap.parse_args()
+
+    gemm = measure_gemm_gflops()
+    tmp = Path(tempfile.mkdtemp())
+    model = None
+    if args.qwen:
+        from mlx_rft.testing import write_tiny_model
+
+        model = str(write_tiny_model(tmp / "qwen3-0.6b-shape", "qwen3", **QWEN3_06B))
+    rows = [{"prompt": f"Write a short story about the number {i}, in two sentences."} for i in range(200)]
+    cfg = GRPOConfig(
+        model=model, finetune_type=args.finetune_type, num_steps=args.steps, prompts_per_step=4,
+        group_size=4, max_new_tokens=args.max_new_tokens, temperature=1.0, learning_rate=1e-6,
+        output_dir=str(tmp / "run"), save_every=10**6, eval_size=1, sample_every=0, log_every=1,
+    )
+    trainer = GRPOTrainer(cfg, reward_funcs=[long_answer], train_dataset=rows)
+    trainer.evaluate = lambda step: {}  # benchmark the steps only
+    result = trainer.train()
+    steps = [h for h in result.history if "time/step" in h]
+    params = sum(v.size for _, v in tree_flatten(trainer.model.parameters()))
+    trainable = trainer.param_counts.trainable
+    prompt_tokens = sum(len(trainer.train_data[0].prompt_ids) for _ in range(cfg.prompts_per_step))
+
+    def floor_seconds(h) -> float:
+        completion_tokens = h["tokens/completion"] / cfg.num_iterations
+        gen = 2 * params * (prompt_tokens + completion_tokens)
+        per_token = 6 if cfg.finetune_type == "full" else 4
+        upd = per_token * params * (prompt_tokens + completion_tokens)
+        return (gen + upd) / (gemm * 1e9)
+
+    times = [h["time/step"] for h in steps]
+    later = times[1:] if len(times) > 1 else times
+    summary = {
+        "model": "qwen3-0.6b-shaped (random)" if args.qwen else "SmolLM2-135M-Instruct",
+        "finetune_type": cfg.finetune_type, "params": params, "trainable": trainable,
+        "gemm_gflops": round(gemm, 1), "steps": len(steps),
+        "step_s_median": round(statistics.median(times), 2),
+        "step2_s": round(later[0], 2),
+        "max_later_vs_step2": round(max(later) / later[0], 3),
+        "median_later_vs_step2": round(statistics.median(later) / later[0], 3),
+        "split_median_s": {k: round(statistics.median(h[f"time/{k}"] for h in steps), 2)
+                           for k in ("generate", "reward", "logprobs", "update")},
+        "gen_tok_s_median": round(statistics.median(h["tokens_per_sec/generate"] for h in steps), 1),
+        "train_tok_s_median": round(statistics.median(h["tokens_per_sec/train"] for h in steps), 1),
+        "completion_tokens_median": statistics.median(h["tokens/completion"] for h in steps),
+        "peak_memory_gb_max": round(max(h["memory/peak_gb"] for h in steps), 2),
+        "floor_s_median": round(statistics.median(floor_seconds(h) for h in steps), 2),
+    }
+    summary["step_over_floor"] = round(summary["step_s_median"] / summary["floor_s_median"], 2)
+    try:
+        import resource
+
+        summary["max_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+    except ImportError:
+        pass
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
