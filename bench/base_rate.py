@@ -4,7 +4,8 @@ GRPO learns only from groups whose completions get different rewards, so a good 
 the model solves sometimes but not often. For each candidate (reasoning-gym task, options, prompt
 format) this samples G completions for each of P prompts and reports:
 
-  acc         mean accuracy reward (reasoning-gym scorer on the <answer> content, strict)
+  acc         mean of the task's accuracy reward: reasoning-gym's scorer on the <answer> content
+              (no tag = 0; reasoning-gym's partial credit kept unless the task turns it off)
   acc@num     the same with the last-number fallback when no tag is present
   tag         fraction of completions with exactly one closed <answer> tag
   mixed       fraction of prompts whose G rewards are not all equal (those give GRPO a gradient)
@@ -17,6 +18,7 @@ format) this samples G completions for each of P prompts and reports:
 Usage:
   python bench/base_rate.py                        # all candidates, default model
   python bench/base_rate.py --only chain_sum_fewshot --prompts 64
+  python bench/base_rate.py --only default --split eval --prompts 64   # the default's held-out set
   python bench/base_rate.py --model PATH --json out.json
 """
 

@@ -8,7 +8,8 @@ Each configuration runs forward-only (old/reference log-probs) and forward+backw
 pass: `nn.value_and_grad` of sum(logp * w)). "naive" is the textbook computation: full logits from
 `model(prompt + completion)`, `log_softmax` over the vocabulary, gather. Peak memory is
 `mx.get_peak_memory()` after `mx.reset_peak_memory()`, minus the memory held before the call
-(weights and inputs), so it is the extra memory the computation needs.
+(weights and inputs), so it is the extra memory the computation needs; times are the best of
+--repeats runs after a warm-up.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import mlx_rft  # noqa: F401  (loads the fast BLAS before mlx.core)
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -40,7 +40,8 @@ def naive_logprobs(model, prompt_ids, completion_ids, group_size, temperature):
 
 
 def measure(fn, repeats: int) -> tuple[float, float]:
-    """(extra peak MiB, median seconds) of mx.eval(fn())."""
+    """(extra peak MiB, best seconds) of mx.eval(fn()); the best time is the least disturbed by
+    other load on a shared machine."""
     mx.eval(fn())  # warm-up (kernel setup, buffer cache)
     peaks, times = [], []
     for _ in range(repeats):
@@ -51,7 +52,7 @@ def measure(fn, repeats: int) -> tuple[float, float]:
         mx.eval(fn())
         times.append(time.perf_counter() - t0)
         peaks.append((mx.get_peak_memory() - base) / 2**20)
-    return max(peaks), statistics.median(times)
+    return max(peaks), min(times)
 
 
 def main() -> None:

@@ -88,6 +88,16 @@ def test_padded_batch_equals_each_prompt_alone(tiny, arch):
         )
 
 
+def test_prompts_may_be_lists_or_arrays(tiny):
+    model, tok = tiny("qwen3")
+    prompts = [chat(tok, q) for q in QUESTIONS[:2]]
+    cfg = SamplingConfig(temperature=0, max_new_tokens=6)
+    lists = generate_rollouts(model, tok, prompts, 1, cfg)
+    arrays = generate_rollouts(model, tok, [mx.array(prompts[0]), np.array(prompts[1])], 1, cfg)
+    assert np.array_equal(np.array(lists.completion_ids), np.array(arrays.completion_ids))
+    assert arrays.prompt_ids == prompts
+
+
 def test_chunked_prefill_changes_nothing(tiny):
     model, tok = tiny("qwen3")
     prompts = [chat(tok, q) for q in QUESTIONS]

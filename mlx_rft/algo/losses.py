@@ -60,7 +60,7 @@ class LossConfig:
     loss_type: str = "dapo"  # one of LOSSES: grpo, bnpo, dr_grpo, dapo, cispo
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
     epsilon_high: float | None = None  # upper clip 1 + epsilon_high (DAPO: 0.28); None -> epsilon
-    delta: float | None = None  # cap on the ratio in the unclipped term (INTELLECT-2), > 1 + eps_high
+    delta: float | None = None  # cap on r in the unclipped term (INTELLECT-2); use > 1 + eps_high
     beta: float = 0.0  # KL-to-reference coefficient; 0 needs no reference model
     importance_sampling_level: str = "token"  # "token" or "sequence" (GSPO)
     max_completion_length: int | None = None  # dr_grpo's constant normaliser (max_new_tokens)

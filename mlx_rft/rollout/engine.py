@@ -69,7 +69,7 @@ def _check_inputs(prompt_ids, group_size, sampling) -> list[list[int]]:
         raise MlxRftError("prompt_ids is empty; pass a list with one list of token ids per prompt")
     prompts = []
     for b, p in enumerate(prompt_ids):
-        if isinstance(p, mx.array):
+        if isinstance(p, (mx.array, np.ndarray)):
             p = p.tolist()
         if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) == 0:
             raise MlxRftError(
