@@ -13,7 +13,7 @@ def tiny_model_factory(tmp_path_factory):
     cache = {}
 
     def make(arch: str = "qwen3", seed: int = 0, **overrides):
-        key = (arch, seed, tuple(sorted(overrides.items())))
+        key = (arch, seed, repr(sorted(overrides.items())))
         if key not in cache:
             path = tmp_path_factory.mktemp(f"tiny_{arch}")
             cache[key] = write_tiny_model(path, arch, seed=seed, **overrides)
