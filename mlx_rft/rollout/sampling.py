@@ -139,7 +139,7 @@ def apply_top_p_exact(z: mx.array, top_p: float) -> mx.array:
     (measured: 3-6 tokens fewer out of ~1000 at top_p 0.9 over 20k entries).
     """
     if mx.default_device() == mx.cpu:
-        thresholds = top_p_thresholds(np.array(z, copy=False), top_p)
+        thresholds = top_p_thresholds(np.asarray(z), top_p)
         return mx.where(z < mx.array(thresholds)[:, None], -mx.inf, z)
     # mlx-lm's version exponentiates its input, so feed it values <= 0.
     return apply_top_p(z - mx.max(z, axis=-1, keepdims=True), top_p)
