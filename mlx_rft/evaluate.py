@@ -20,6 +20,12 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(num_samples - num_correct + 1, num_samples + 1)))
 
 
+def columns_per_row(examples: Sequence[PromptExample], group_size: int) -> dict[str, list]:
+    """Dataset columns repeated per completion row (row n belongs to prompt n // group_size)."""
+    keys = sorted({k for e in examples for k in e.columns})
+    return {k: [e.columns.get(k) for e in examples for _ in range(group_size)] for k in keys}
+
+
 def evaluate_prompts(
     model,
     tokenizer,
@@ -41,9 +47,7 @@ def evaluate_prompts(
         chunk = list(examples[i : i + per_call])
         ro = generate_rollouts(model, tokenizer, [e.prompt_ids for e in chunk], k, sampling, seed=seed + i)
         prompts = [e.prompt for e in chunk for _ in range(k)]
-        keys = sorted({c for e in chunk for c in e.columns})
-        columns = {c: [e.columns.get(c) for e in chunk for _ in range(k)] for c in keys}
-        result = reward_set(prompts, ro.texts, columns)
+        result = reward_set(prompts, ro.texts, columns_per_row(chunk, k))
         scores.append(np.nan_to_num(np.asarray(result.total, dtype=np.float64), nan=0.0))
     s = np.concatenate(scores).reshape(-1, k)
     out = {"eval/accuracy": float(s.mean()), "eval/time": time.perf_counter() - t0}

@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..config import GRPOConfig, save_config
 from ..errors import MlxRftError
+from ..evaluate import columns_per_row
 from ..types import PromptExample, RolloutBatch, SamplingConfig
 from . import checkpoint as ckpt
 from .metrics import build_reporters, format_step_line, write_report
@@ -64,12 +65,6 @@ def sampling_from(cfg: GRPOConfig) -> SamplingConfig:
         repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
         stop=list(cfg.stop),
     )
-
-
-def _rows_columns(examples: Sequence[PromptExample], group_size: int) -> dict[str, list]:
-    """Dataset columns repeated per completion row (row n belongs to prompt n // G)."""
-    keys = sorted({k for e in examples for k in e.columns})
-    return {k: [e.columns.get(k) for e in examples for _ in range(group_size)] for k in keys}
 
 
 def global_norm(tree) -> mx.array:
@@ -191,7 +186,7 @@ class GRPOTrainer:
     def score(self, reward_set, examples, rollouts: RolloutBatch):
         """Run every reward function once on the step's completions."""
         prompts = [e.prompt for e in examples for _ in range(rollouts.group_size)]
-        columns = _rows_columns(examples, rollouts.group_size)
+        columns = columns_per_row(examples, rollouts.group_size)
         ids, mask = np.asarray(rollouts.completion_ids), np.asarray(rollouts.completion_mask)
         columns["completion_ids"] = [row[m > 0].tolist() for row, m in zip(ids, mask)]
         return reward_set(prompts, rollouts.texts, columns)
