@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
@@ -247,10 +248,10 @@ class GRPOTrainer:
                 stats_acc.setdefault(k, []).append((float(v.item()), weight))
         grads_acc = self.world.sum_tree(grads_acc)
         loss_acc = self.world.sum_floats(loss_acc)[0]
-        grad_norm = global_norm(grads_acc)
         if cfg.max_grad_norm > 0:
-            scale = mx.minimum(cfg.max_grad_norm / (grad_norm + 1e-6), 1.0)
-            grads_acc = tree_map(lambda g: g * scale, grads_acc)
+            grads_acc, grad_norm = optim.clip_grad_norm(grads_acc, cfg.max_grad_norm)
+        else:
+            grad_norm = global_norm(grads_acc)
         self.optimizer.update(self.model, grads_acc)
         mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
         out = {"loss": loss_acc, "grad_norm": grad_norm.item()}
