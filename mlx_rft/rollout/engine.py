@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .. import kernels
 from ..errors import MlxRftError
 from ..types import RolloutBatch, SamplingConfig
 from .cache import make_rollout_cache
@@ -147,6 +148,7 @@ def generate_rollouts(
             f"total_rows={draw_rows}; pass the global row count and this call's first row"
         )
     stats = stats if stats is not None else RolloutStats()
+    kernels.install(model)  # decode-step SwiGLU without MLX's slow CPU exp (see kernels.py)
     B, G = len(prompts), group_size
     N = B * G
     max_new = sampling.max_new_tokens

@@ -39,45 +39,8 @@ import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from ..errors import MlxRftError
+from ..kernels import exp_nonpositive, log_normalizer
 from ..types import SamplingConfig
-
-_LN2_HI = 0.693359375  # ln 2 split in two (Cody-Waite) so n * _LN2_HI is exact in float32
-_LN2_LO = -2.12194440e-4
-_LOG2E = 1.4426950408889634
-_EXP_UNDERFLOW = -87.0  # exp(-87) ~ 1.6e-38: below this float32 results are ~0 anyway
-
-
-@mx.compile
-def _exp_poly(x: mx.array) -> mx.array:
-    # exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a degree-7 Taylor
-    # polynomial (truncation error < 2e-8 relative) and 2^n by writing the exponent bits.
-    xc = mx.maximum(x, _EXP_UNDERFLOW)
-    n = mx.floor(xc * _LOG2E + 0.5)
-    r = (xc - n * _LN2_HI) - n * _LN2_LO
-    p = 1.0 / 5040.0
-    for c in (1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
-        p = p * r + c
-    scale = ((n.astype(mx.int32) + 127) << 23).view(mx.float32)
-    return mx.where(x < _EXP_UNDERFLOW, 0.0, p * scale)
-
-
-def exp_nonpositive(x: mx.array) -> mx.array:
-    """exp(x) for float32 x <= 0 (including -inf -> 0), within a few ulp of `mx.exp`.
-
-    On the CPU backend this fused polynomial is ~4x faster than `mx.exp` (which is scalar there);
-    on GPUs `mx.exp` is already fast and exact, so it is used directly.
-    """
-    if mx.default_device() == mx.cpu:
-        return _exp_poly(x)
-    return mx.exp(x)
-
-
-def log_normalizer(z: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """(max, exp(z - max), logsumexp) along the last axis; max and logsumexp keep the axis."""
-    m = mx.max(z, axis=-1, keepdims=True)
-    e = exp_nonpositive(z - m)
-    return m, e, m + mx.log(mx.sum(e, axis=-1, keepdims=True))
-
 
 def penalty_counts(context: mx.array, valid: mx.array, vocab_size: int) -> mx.array:
     """[N, V] float32 occurrence counts of each token in each row's context window.
