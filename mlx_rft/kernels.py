@@ -21,6 +21,7 @@ import sys
 from functools import partial
 
 import mlx.core as mx
+import numpy as np
 
 _LN2_HI = 0.693359375  # ln 2 split in two (Cody-Waite) so n * _LN2_HI is exact in float32
 _LN2_LO = -2.12194440e-4
@@ -94,16 +95,127 @@ def _swiglu_vjp(primals, cotangent, output):
     return d_gate, cotangent * silu
 
 
-# Inputs up to this many elements take the polynomial path (a 16-row decode step has 16 x 1536).
+def host(a: mx.array) -> np.ndarray:
+    """Evaluate `a` and view it as a NumPy array (no copy when it is already row-contiguous)."""
+    return np.asarray(mx.contiguous(a))
+
+
+@mx.custom_function
+def _swiglu_host(gate: mx.array, x: mx.array) -> tuple[mx.array, mx.array]:
+    # Returns (silu(gate) * x, sigmoid(gate)); the sigmoid is kept for the VJP, so the backward
+    # pass needs no exp and no sync (a sync there would evaluate the backward piecewise, and inside
+    # `grad` every evaluated array keeps its inputs alive until the end).
+    g, u = host(gate), host(x)
+    with np.errstate(over="ignore"):  # exp(-g) = inf for g < -88 gives sigmoid 0, as it should
+        sig = 1.0 / (1.0 + np.exp(-g))
+    return mx.array(g * sig * u, dtype=gate.dtype), mx.array(sig, dtype=gate.dtype)
+
+
+@_swiglu_host.vjp
+def _swiglu_host_vjp(primals, cotangents, outputs):
+    gate, x = primals
+    return _swiglu_grads(gate, x, outputs[1], cotangents[0])
+
+
+@partial(mx.compile, shapeless=True)
+def _swiglu_grads(gate, x, sig, c):
+    silu = gate * sig
+    # d silu / d gate = sig * (1 + gate * (1 - sig))
+    return c * x * (sig + silu * (1.0 - sig)), c * silu
+
+
+# Inputs up to this many elements take the polynomial path (a 16-row decode step has 16 x 1536);
+# larger ones (prefill, training) go through NumPy, whose exp is vectorised.
 SMALL_INPUT = 1 << 16
 
 
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """silu(gate) * x, as mlx-lm's `activations.swiglu`."""
-    small = gate.size <= SMALL_INPUT and gate.dtype == x.dtype == mx.float32
-    if not (small and on_cpu()):
+    if not (on_cpu() and gate.dtype == x.dtype == mx.float32 and gate.shape == x.shape):
         return _stock_fn("swiglu")(gate, x)
-    return _swiglu(gate, x)
+    return _swiglu(gate, x) if gate.size <= SMALL_INPUT else _swiglu_host(gate, x)[0]
+
+
+# ---------------------------------------------------------------- vocabulary-wide log-softmax
+
+
+def host_ok(z: mx.array) -> bool:
+    """Whether the NumPy path below applies: [K, V] float32/float64 logits on the CPU."""
+    return on_cpu() and z.dtype in (mx.float32, mx.float64) and z.ndim == 2
+
+
+def _host_lse(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=-1, keepdims=True)
+    t = z - m
+    np.exp(t, out=t)
+    return (m + np.log(t.sum(axis=-1, keepdims=True)))[:, 0]
+
+
+@mx.custom_function
+def _logsumexp_host(z: mx.array) -> mx.array:
+    return mx.array(_host_lse(host(z)), dtype=z.dtype)
+
+
+@_logsumexp_host.vjp
+def _logsumexp_host_vjp(z, cotangent, output):
+    t = host(z) - host(output)[:, None]
+    np.exp(t, out=t)
+    t *= host(cotangent)[:, None]
+    return (mx.array(t, dtype=z.dtype),)
+
+
+def logsumexp(z: mx.array) -> mx.array:
+    """logsumexp over the last axis of [K, V] logits (differentiable)."""
+    return _logsumexp_host(z) if host_ok(z) else mx.logsumexp(z, axis=-1)
+
+
+def softmax(z: mx.array) -> mx.array:
+    """softmax over the last axis of [K, V] logits (no gradient)."""
+    if not host_ok(z):
+        return mx.softmax(z, axis=-1, precise=True)
+    t = host(z)
+    t = t - t.max(axis=-1, keepdims=True)
+    np.exp(t, out=t)
+    t /= t.sum(axis=-1, keepdims=True)
+    return mx.array(t, dtype=z.dtype)
+
+
+def selective_logsoftmax(
+    z: mx.array, targets: mx.array, with_entropy: bool
+) -> tuple[mx.array, mx.array | None]:
+    """log softmax(z)[targets] and (optionally) the entropy of softmax(z), for [K, V] logits on
+    the CPU, as new arrays with no graph behind them (callers supply their own VJP)."""
+    t = host(z)
+    rows = np.arange(t.shape[0])
+    chosen = t[rows, host(targets)]
+    lse = _host_lse(t)
+    entropy = None
+    if with_entropy:
+        p = t - lse[:, None]  # log p
+        ent = -(np.exp(p) * p).sum(axis=-1)
+        entropy = mx.array(ent, dtype=z.dtype)
+    return mx.array(chosen - lse, dtype=z.dtype), entropy
+
+
+def detach(a: mx.array) -> mx.array:
+    """A copy of `a` with no graph behind it. Inside a transformation (grad), evaluated arrays keep
+    their inputs alive; a chunked VJP that syncs per chunk detaches each chunk's results so the
+    chunk's buffers can be freed."""
+    return mx.array(host(a), dtype=a.dtype)
+
+
+def selective_logsoftmax_cotangent(z: mx.array, targets: mx.array, g: mx.array) -> mx.array:
+    """g[:, None] * (onehot(targets) - softmax(z)): the cotangent of z for g = d loss / d logp."""
+    if not host_ok(z):
+        onehot = mx.arange(z.shape[-1]) == targets[:, None]
+        return g[:, None] * (onehot - mx.softmax(z, axis=-1, precise=True))
+    t = host(z)
+    gn = host(g).astype(t.dtype)
+    t = t - t.max(axis=-1, keepdims=True)
+    np.exp(t, out=t)
+    t *= (-gn / t.sum(axis=-1))[:, None]
+    t[np.arange(t.shape[0]), host(targets)] += gn
+    return mx.array(t, dtype=z.dtype)
 
 
 def log_normalizer(z: mx.array) -> tuple[mx.array, mx.array, mx.array]:

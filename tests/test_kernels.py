@@ -24,7 +24,8 @@ def test_exp_nonpositive_wide_range_against_float64():
     assert np.all(got[~keep] < 1e-36)
 
 
-@pytest.mark.parametrize("shape", [(16, 1, 96), (3, 7, 40)])
+# The first two take the polynomial path, the last (over SMALL_INPUT elements) the NumPy one.
+@pytest.mark.parametrize("shape", [(16, 1, 96), (3, 7, 40), (2, 300, 130)])
 def test_swiglu_matches_float64_and_mlx_lm_values_and_gradients(shape):
     from mlx_lm.models.activations import swiglu as stock
 
@@ -49,14 +50,30 @@ def test_swiglu_matches_float64_and_mlx_lm_values_and_gradients(shape):
         np.testing.assert_allclose(np.array(got), np.array(stock_grad), rtol=2e-5, atol=1e-6)
 
 
-def test_large_inputs_use_mlx_lm_function():
-    from mlx_lm.models.activations import swiglu as stock
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vocab_logsumexp_softmax_and_cotangent_against_float64(dtype):
+    rng = np.random.default_rng(2)
+    z = (rng.standard_normal((5, 700)) * 7).astype(dtype)
+    z[0, 3] = 90.0  # one dominant logit
+    targets = np.array([3, 0, 699, 17, 17])
+    g = rng.standard_normal(5).astype(np.float32)
+    z64 = z.astype(np.float64)
+    lse = np.log(np.exp(z64 - z64.max(-1, keepdims=True)).sum(-1)) + z64.max(-1)
+    p = np.exp(z64 - lse[:, None])
+    tol = 2e-6 if dtype == np.float32 else 1e-12
+    mdt = mx.float32 if dtype == np.float32 else mx.float64
 
-    n = kernels.SMALL_INPUT + 1
-    g = mx.random.normal((n,), key=mx.random.key(0)) * 4
-    x = mx.random.normal((n,), key=mx.random.key(1))
-    # Bit-identical: the stock path, not the polynomial one.
-    assert mx.array_equal(kernels.swiglu(g, x), stock(g, x)).item()
+    np.testing.assert_allclose(np.array(kernels.logsumexp(mx.array(z, dtype=mdt))), lse, rtol=tol)
+    np.testing.assert_allclose(np.array(kernels.softmax(mx.array(z, dtype=mdt))), p, rtol=tol * 5, atol=tol)
+    onehot = np.eye(700)[targets]
+    got = np.array(kernels.selective_logsoftmax_cotangent(
+        mx.array(z, dtype=mdt), mx.array(targets), mx.array(g)
+    ))
+    np.testing.assert_allclose(got, g[:, None] * (onehot - p), rtol=tol * 5, atol=tol)
+    # The gradient of logsumexp is the softmax, weighted by the cotangent.
+    w = mx.array(g, dtype=mdt)
+    grad = mx.grad(lambda a: (kernels.logsumexp(a) * w).sum())(mx.array(z, dtype=mdt))
+    np.testing.assert_allclose(np.array(grad), g[:, None] * p, rtol=tol * 5, atol=tol)
 
 
 def test_install_patches_the_model_module_once_and_can_be_disabled(tiny_qwen3, monkeypatch):

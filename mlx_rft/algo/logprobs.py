@@ -40,6 +40,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import BatchKVCache
 
+from .. import kernels
 from ..errors import MlxRftError
 
 # Budget for one [chunk, V] float32 logits block when `chunk_size` is None: 256 MiB gives
@@ -120,14 +121,14 @@ def _token_stats(
     z = logits if logits.dtype == mx.float64 else logits.astype(mx.float32)
     if temperature != 1.0:
         z = z / temperature
-    lse = mx.logsumexp(z, axis=-1)
+    lse = kernels.logsumexp(z)  # vectorised on CPU (MLX's CPU exp is scalar), differentiable
     # Indices carry no gradient (and gather has no VJP w.r.t. them).
     chosen = mx.take_along_axis(z, mx.stop_gradient(targets)[:, None], axis=-1)[:, 0]
     logp = chosen - lse
     entropy = None
     if with_entropy:
         zs, lses = mx.stop_gradient(z), mx.stop_gradient(lse)
-        p = mx.exp(zs - lses[:, None])
+        p = kernels.softmax(zs)
         # Summing p * (lse - z) avoids the cancellation of lse - sum(p * z) for large logits.
         entropy = (p * (lses[:, None] - zs)).sum(axis=-1)
     return logp, entropy
@@ -151,11 +152,14 @@ def _head_token_stats(
 
     A custom VJP makes the backward pass chunked as well: for each chunk it recomputes the logits,
     forms d logp / d logits = g * (onehot - softmax) directly and pulls it back through the head,
-    so no [K, V] tensor is kept from the forward pass. `mx.depends` chains the chunks (forward:
-    chunk i+1 after chunk i's outputs; backward: after chunk i's gradients, and the first one after
-    the whole forward), which stops MLX's breadth-first scheduler from running every chunk's head
-    matmul at once; with that order MLX keeps within its memory limit (`mx.set_memory_limit`)
-    by waiting for finished chunks to free their buffers.
+    so no [K, V] tensor is kept from the forward pass. On GPUs `mx.depends` chains the chunks
+    (forward: chunk i+1 after chunk i's outputs; backward: after chunk i's gradients, and the first
+    one after the whole forward), which stops MLX's breadth-first scheduler from running every
+    chunk's head matmul at once; with that order MLX keeps within its memory limit
+    (`mx.set_memory_limit`) by waiting for finished chunks to free their buffers. On the CPU the
+    softmax runs in NumPy (MLX's CPU exp is scalar, ~12 ns per element): each chunk syncs, and its
+    results are copied out of the graph (inside `grad`, evaluated arrays keep their inputs alive)
+    so that the chunk's buffers are freed before the next one.
 
     The head's trainable parameters (a tied embedding, an lm_head, LoRA weights on it) are explicit
     inputs, so they receive gradients; frozen ones are captured as constants.
@@ -176,12 +180,20 @@ def _head_token_stats(
         z = out if out.dtype == mx.float64 else out.astype(mx.float32)
         return z / temperature if temperature != 1.0 else z
 
+    # On the CPU the vocabulary-wide softmax runs in NumPy (vectorised exp): each chunk syncs, and
+    # its results are detached so that its [k, V] buffers are freed before the next chunk.
+    on_host = kernels.on_cpu() and hidden.dtype in (mx.float32, mx.float64)
+
     @mx.custom_function
     def fused(hidden: mx.array, leaves: list[mx.array]):
         logps, ents, after = [], [], None
         for s, e in bounds:
-            hc = hidden[s:e] if after is None else mx.depends(hidden[s:e], after)
-            logp, ent = _token_stats(logits_of(leaves, hc), targets[s:e], 1.0, with_entropy)
+            if on_host:
+                z = logits_of(leaves, hidden[s:e])
+                logp, ent = kernels.selective_logsoftmax(z, targets[s:e], with_entropy)
+            else:
+                hc = hidden[s:e] if after is None else mx.depends(hidden[s:e], after)
+                logp, ent = _token_stats(logits_of(leaves, hc), targets[s:e], 1.0, with_entropy)
             logps.append(logp)
             ents.append(ent if with_entropy else mx.zeros_like(logp))
             after = [logp, ents[-1]]
@@ -193,17 +205,26 @@ def _head_token_stats(
         g = cotangents[0]
         dh_parts, dleaves, after = [], None, list(outputs)
         for s, e in bounds:
-            hc = mx.depends(hidden[s:e], after)
+            hc = hidden[s:e] if on_host else mx.depends(hidden[s:e], after)
             z = logits_of(leaves, hc)
-            # d logp / d z = onehot(target) - softmax(z); written so MLX can reuse the softmax
-            # buffer for the result (peak: logits, probabilities and a boolean one-hot).
-            onehot = mx.arange(z.shape[-1]) == targets[s:e, None]
-            dz = g[s:e, None] * (onehot - mx.softmax(z, axis=-1, precise=True))
+            # d logp / d z = g * (onehot(target) - softmax(z)), formed in one buffer.
+            dz = kernels.selective_logsoftmax_cotangent(z, targets[s:e], g[s:e])
             _, grads = mx.vjp(lambda *a: logits_of(list(a[:-1]), a[-1]), [*leaves, hc], [dz])
             dh, dl = grads[-1], grads[:-1]
+            if on_host and len(bounds) > 1:
+                # Graph-free results, the head's gradients summed in NumPy in place.
+                dh_parts.append(kernels.detach(dh))
+                if dleaves is None:
+                    dleaves = [np.array(kernels.host(a)) for a in dl]
+                else:
+                    for acc, a in zip(dleaves, dl):
+                        acc += kernels.host(a)
+                continue
             dh_parts.append(dh)
             dleaves = dl if dleaves is None else [a + b for a, b in zip(dleaves, dl)]
             after = [dh, *dleaves]
+        if dleaves and isinstance(dleaves[0], np.ndarray):
+            dleaves = [mx.array(a, dtype=leaf.dtype) for a, leaf in zip(dleaves, leaves)]
         return mx.concatenate(dh_parts), dleaves or []
 
     logp, entropy = fused(hidden, leaves)

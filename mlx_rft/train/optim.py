@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import mlx.core as mx
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten
 
 from ..config import GRPOConfig
 from ..errors import MlxRftError
@@ -42,3 +46,47 @@ def build_optimizer(cfg: GRPOConfig) -> optim.Optimizer:
             raise MlxRftError("this MLX has no Muon optimizer; upgrade mlx or use adamw")
         return optim.Muon(learning_rate=lr, weight_decay=cfg.weight_decay)
     raise MlxRftError(f"unknown optimizer {name!r}")
+
+
+def global_norm(tree) -> mx.array:
+    leaves = [v for _, v in tree_flatten(tree)]
+    return mx.sqrt(sum((mx.sum(v.astype(mx.float32) ** 2) for v in leaves), mx.array(0.0)))
+
+
+class CompiledApply:
+    """Gradient clipping + the optimizer update as one `mx.compile`d function.
+
+    `apply(grads) -> grad_norm` (the norm before clipping). Compiling fuses the optimizer's
+    element-wise maths (AdamW: about ten operations per parameter) into a few loops: 0.44 against
+    1.1 s per update for SmolLM2's 134.5M parameters on a 2-core CPU. The model's and the
+    optimizer's state are declared as the compiled function's inputs and outputs (mlx-lm's
+    pattern), so the weights are read and written, never captured as constants; the function is
+    rebuilt whenever the optimizer's state object is replaced (resuming a checkpoint does that).
+    """
+
+    def __init__(self, model, optimizer: optim.Optimizer, max_grad_norm: float) -> None:
+        self.model, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
+        self._fn = None
+        self._state_obj = None
+
+    def _build(self):
+        model, optimizer, max_norm = self.model, self.optimizer, self.max_grad_norm
+        optimizer.init(model.trainable_parameters())  # keeps existing (resumed) state
+        state = [model.state, optimizer.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def apply(grads):
+            if max_norm > 0:
+                grads, norm = optim.clip_grad_norm(grads, max_norm)
+            else:
+                norm = global_norm(grads)
+            optimizer.update(model, grads)
+            return norm
+
+        self._state_obj = optimizer.state
+        return apply
+
+    def __call__(self, grads) -> mx.array:
+        if self._fn is None or self.optimizer.state is not self._state_obj:
+            self._fn = self._build()
+        return self._fn(grads)

@@ -22,7 +22,6 @@ from typing import Any, Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
@@ -32,7 +31,7 @@ from ..evaluate import columns_per_row
 from ..types import PromptExample, RolloutBatch, SamplingConfig
 from . import checkpoint as ckpt
 from .metrics import build_reporters, format_step_line, write_report
-from .optim import build_optimizer
+from .optim import CompiledApply, build_optimizer
 from .distributed import init_world
 from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
 
@@ -66,11 +65,6 @@ def sampling_from(cfg: GRPOConfig) -> SamplingConfig:
         repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
         stop=list(cfg.stop),
     )
-
-
-def global_norm(tree) -> mx.array:
-    leaves = [v for _, v in tree_flatten(tree)]
-    return mx.sqrt(sum((mx.sum(v.astype(mx.float32) ** 2) for v in leaves), mx.array(0.0)))
 
 
 class GRPOTrainer:
@@ -126,6 +120,8 @@ class GRPOTrainer:
             self.model, cfg, load_copy=lambda: load_model(self.model_dir, dtype=cfg.dtype)[0]
         )
         self.optimizer = build_optimizer(cfg)
+        self.apply_update = CompiledApply(self.model, self.optimizer, cfg.max_grad_norm)
+        self._before_update: dict[str, mx.array] | None = None
 
     def _setup_data(self) -> None:
         from ..data import PromptDataset, load_prompt_dataset, train_eval_split
@@ -236,7 +232,6 @@ class GRPOTrainer:
 
     def _update(self, loss_and_grad, micro_batches, totals) -> dict[str, float]:
         """One optimizer update: accumulate gradients over micro-batches, clip, apply, eval."""
-        cfg = self.cfg
         grads_acc, stats_acc, loss_acc = None, {}, 0.0
         for mb in micro_batches:
             (loss, stats), grads = loss_and_grad(self.model, *mb, totals)
@@ -248,11 +243,11 @@ class GRPOTrainer:
                 stats_acc.setdefault(k, []).append((float(v.item()), weight))
         grads_acc = self.world.sum_tree(grads_acc)
         loss_acc = self.world.sum_floats(loss_acc)[0]
-        if cfg.max_grad_norm > 0:
-            grads_acc, grad_norm = optim.clip_grad_norm(grads_acc, cfg.max_grad_norm)
-        else:
-            grad_norm = global_norm(grads_acc)
-        self.optimizer.update(self.model, grads_acc)
+        if self._before_update is None:
+            # References (not copies) to the weights before the step's first update, for the
+            # update norm; taken after the backward pass so they add nothing to its peak memory.
+            self._before_update = dict(tree_flatten(self.model.trainable_parameters()))
+        grad_norm = self.apply_update(grads_acc)
         mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
         out = {"loss": loss_acc, "grad_norm": grad_norm.item()}
         for k, pairs in stats_acc.items():
@@ -456,15 +451,15 @@ class GRPOTrainer:
         totals = {"num_sequences": n * world.size, "global_token_count": max(global_tokens, 1.0)}
 
         t0 = time.perf_counter()
-        snapshot = {k: mx.array(v) for k, v in tree_flatten(self.model.trainable_parameters())}
         upd: dict[str, float] = {}
         for _ in range(cfg.num_iterations):
             upd = self._update(loss_and_grad, micro, totals)
-        delta = mx.sqrt(sum(
-            mx.sum((v - snapshot[k]) ** 2) for k, v in tree_flatten(self.model.trainable_parameters())
-        ))
-        upd["update_norm"] = delta.item()
-        del snapshot
+        before, self._before_update = self._before_update, None
+        upd["update_norm"] = math.sqrt(sum(
+            _squared_distance(v, before[k])
+            for k, v in tree_flatten(self.model.trainable_parameters())
+        ).item())
+        del before
         t_upd = time.perf_counter() - t0
         t_step = time.perf_counter() - t_start
 
@@ -505,6 +500,11 @@ class GRPOTrainer:
                 }) + "\n")
             rollout_log.flush()
         return m
+
+
+@mx.compile
+def _squared_distance(a: mx.array, b: mx.array) -> mx.array:
+    return mx.sum(mx.square(a - b))
 
 
 def _current_lr(optimizer) -> float:
