@@ -81,7 +81,15 @@ class GRPOConfig:
     top_k: int = _f(0, "sample only from the k most likely tokens (0 = off)")
     min_p: float = _f(0.0, "min-p sampling threshold (0 = off)")
     repetition_penalty: float = _f(1.0, "repetition penalty during sampling (1.0 = off)")
-    stop: list[str] = _f([], "stop strings that end a completion")
+    stop: list[str] = _f(
+        ["</answer>"],
+        "stop strings that end a completion (default: the closing answer tag, since nothing after "
+        "it earns reward; pass --stop with no value for none)",
+    )
+    include_stop: bool = _f(
+        True, "keep the matched stop string at the end of the completion text (so a reward that "
+        "looks for a closed <answer> tag sees it)"
+    )
 
     # --- algorithm ---
     loss_type: str = _f("dapo", "grpo | bnpo | dr_grpo | dapo | cispo")

@@ -28,6 +28,7 @@ class SamplingConfig:
     frequency_penalty: float = 0.0
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
+    include_stop: bool = False  # keep the matched stop string at the end of the text
 
 
 @dataclass
@@ -39,7 +40,7 @@ class RolloutBatch:
     completion_mask: mx.array  # [N, T] float32, 1 for generated tokens (EOS included), 0 for padding
     logprobs: mx.array  # [N, T] float32, log_softmax(logits / temperature)[token], 0 at padding
     truncated_logprobs: mx.array | None  # [N, T] log-prob under the top-k/top-p/min-p truncated dist
-    texts: list[str]  # N decoded completions (stop string and EOS removed)
+    texts: list[str]  # N decoded completions (EOS removed; stop string removed unless include_stop)
     finish_reasons: list[str]  # N, "stop" (EOS or stop string) or "length" (max_new_tokens)
     group_index: list[int]  # N, the prompt index b of each row
     group_size: int  # G

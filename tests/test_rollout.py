@@ -2,6 +2,7 @@
 slow, the real default model): exactness against mlx-lm and against a plain teacher-forced
 forward pass, groups, seeds, stopping, row dropping and memory."""
 
+import dataclasses
 import gc
 
 import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
@@ -334,6 +335,13 @@ def test_earliest_of_several_stop_strings_wins(tiny):
     assert batch.texts[0] == text[:first]
     assert completion(batch, 0) == ids[:k]
     assert k < len(ids)
+    # include_stop keeps the earliest stop string itself (and nothing the token decoded after it).
+    winner = min((s for s in stops[:2] if s in text), key=text.find)
+    kept = generate_rollouts(
+        model, tok, [prompt], 1, dataclasses.replace(cfg, include_stop=True), ignore_eos=True
+    )
+    assert kept.texts[0] == text[: first + len(winner)] and kept.texts[0].endswith(winner)
+    assert completion(kept, 0) == ids[:k]
 
 
 # ---------------------------------------------------------------- batch compute and memory

@@ -11,7 +11,9 @@ from mlx_rft.errors import MlxRftError
 from mlx_rft.models import load_model
 from mlx_rft.train import checkpoint as ckpt
 from mlx_rft.train.optim import build_optimizer, build_schedule
-from mlx_rft.train.policy import adapters_disabled, count_parameters, setup_trainable, adapter_config
+from mlx_rft.train.policy import (
+    adapter_config, adapters_disabled, adapters_fused, count_parameters, setup_trainable,
+)
 
 
 def _train_one_step(model, optimizer, seed=0):
@@ -43,6 +45,32 @@ def test_lora_setup_only_adapters_train_and_reference_is_base(tiny_qwen3):
     with adapters_disabled(model):
         np.testing.assert_allclose(np.array(model(x)), np.array(base_out), atol=1e-5)
     assert not mx.allclose(model(x), base_out, atol=1e-6)  # scales restored afterwards
+
+
+def test_fused_adapters_sample_the_same_policy_and_are_restored(tiny_qwen3):
+    from mlx_lm.tuner.lora import LoRALinear
+
+    from mlx_rft.rollout import generate_rollouts
+    from mlx_rft.types import SamplingConfig
+
+    model, tok = load_model(tiny_qwen3)
+    setup_trainable(model, GRPOConfig(lora_rank=4))
+    _train_one_step(model, optim.SGD(learning_rate=1.0))  # adapters away from zero
+    before = dict(tree_flatten(model.trainable_parameters()))
+    x = mx.array([[1, 2, 3, 4, 5]])
+    out = model(x)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=12)
+    plain = generate_rollouts(model, tok, [[1, 2, 3], [4, 5]], 2, sampling, seed=3)
+    with adapters_fused(model):
+        assert not any(isinstance(m, LoRALinear) for _, m in model.named_modules())
+        np.testing.assert_allclose(np.array(model(x)), np.array(out), atol=1e-5)
+        fused = generate_rollouts(model, tok, [[1, 2, 3], [4, 5]], 2, sampling, seed=3)
+    assert fused.texts == plain.texts
+    assert np.max(np.abs(np.array(fused.logprobs) - np.array(plain.logprobs))) < 1e-5
+    # The adapters are back, the very same arrays, and still train.
+    after = dict(tree_flatten(model.trainable_parameters()))
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert sum(isinstance(m, LoRALinear) for _, m in model.named_modules()) > 0
 
 
 def test_full_finetune_freeze_patterns(tiny_qwen3):

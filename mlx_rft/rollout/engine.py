@@ -153,7 +153,7 @@ def generate_rollouts(
     N = B * G
     max_new = sampling.max_new_tokens
     eos_ids = set() if ignore_eos else {int(t) for t in tokenizer.eos_token_ids}
-    stopper = StopStringMatcher(tokenizer, sampling.stop)
+    stopper = StopStringMatcher(tokenizer, sampling.stop, include=sampling.include_stop)
 
     if seed is None:
         seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item())

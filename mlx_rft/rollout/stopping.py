@@ -20,9 +20,10 @@ class StopStringMatcher:
     character, or a leading space a SentencePiece decoder strips).
     """
 
-    def __init__(self, tokenizer, stops: Sequence[str]) -> None:
+    def __init__(self, tokenizer, stops: Sequence[str], include: bool = False) -> None:
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
+        self.include = include
         self.window = max((len(s.encode("utf-8")) for s in self.stops), default=0) + 2
 
     def __bool__(self) -> bool:
@@ -34,6 +35,10 @@ class StopStringMatcher:
         return any(s in text for s in self.stops)
 
     def cut(self, text: str) -> str:
-        """`text` up to the earliest stop string (unchanged if none occurs)."""
-        positions = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return text[: min(positions)] if positions else text
+        """`text` up to the earliest stop string, or through it with `include` (unchanged if none
+        occurs)."""
+        found = [(i, len(s)) for s in self.stops if (i := text.find(s)) >= 0]
+        if not found:
+            return text
+        start, length = min(found)
+        return text[: start + length] if self.include else text[:start]

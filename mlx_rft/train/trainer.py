@@ -33,7 +33,9 @@ from . import checkpoint as ckpt
 from .metrics import build_reporters, format_step_line, write_report
 from .optim import CompiledApply, build_optimizer
 from .distributed import init_world
-from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
+from .policy import (
+    ReferencePolicy, adapter_config, adapters_fused, count_parameters, setup_trainable,
+)
 
 
 # LossStats fields -> metric names (the health monitor reads clip/region_frac).
@@ -63,7 +65,7 @@ def sampling_from(cfg: GRPOConfig) -> SamplingConfig:
     return SamplingConfig(
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
         repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
-        stop=list(cfg.stop),
+        stop=list(cfg.stop), include_stop=cfg.include_stop,
     )
 
 
@@ -176,9 +178,11 @@ class GRPOTrainer:
     def generate(self, examples: Sequence[PromptExample], group_size: int, sampling, seed, **kw) -> RolloutBatch:
         from ..rollout import generate_rollouts
 
-        return generate_rollouts(
-            self.model, self.tokenizer, [e.prompt_ids for e in examples], group_size, sampling, seed=seed, **kw
-        )
+        with adapters_fused(self.model):
+            return generate_rollouts(
+                self.model, self.tokenizer, [e.prompt_ids for e in examples], group_size, sampling,
+                seed=seed, **kw,
+            )
 
     def score(self, reward_set, examples, rollouts: RolloutBatch):
         """Run every reward function once on the step's completions."""
@@ -197,10 +201,11 @@ class GRPOTrainer:
         sampling = dataclasses.replace(
             sampling_from(cfg), temperature=temp, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0
         )
-        return evaluate_prompts(
-            self.model, self.tokenizer, list(self.eval_data), self.eval_reward,
-            k=cfg.eval_k, sampling=sampling, seed=step_seed(cfg.seed, 0, salt=17),
-        )
+        with adapters_fused(self.model):
+            return evaluate_prompts(
+                self.model, self.tokenizer, list(self.eval_data), self.eval_reward,
+                k=cfg.eval_k, sampling=sampling, seed=step_seed(cfg.seed, 0, salt=17),
+            )
 
     def _micro_slices(self, n: int) -> list[slice]:
         m = self.cfg.gradient_accumulation_steps
