@@ -267,3 +267,15 @@ def install(model) -> list[str]:
                 setattr(module, attr, _OURS[attr])
                 patched.append(f"{name}.{attr}")
     return patched
+
+
+def uninstall() -> list[str]:
+    """Undo `install` everywhere (benchmarks use it to time mlx-lm's own functions)."""
+    restored = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("mlx_lm.models.") and module is not None:
+            for attr in _PATCHED:
+                if getattr(module, attr, None) is _OURS[attr]:
+                    setattr(module, attr, _stock_fn(attr))
+                    restored.append(f"{name}.{attr}")
+    return restored

@@ -150,6 +150,9 @@ def load_model(
             ) from e
         raise
     cast_model(model_obj, dtype or default_dtype())
+    from . import kernels
+
+    kernels.install(model_obj)  # CPU only: SwiGLU without MLX's scalar exp (see kernels.py)
     if not lazy:
         import mlx.core as mx
 

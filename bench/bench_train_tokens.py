@@ -1,0 +1,132 @@
+"""Training forward+backward throughput on the GRPO benchmark's shapes, against plain MLX and torch.
+
+16 rows x 104 tokens (4 prompts x 4 completions; a 40-token prompt + 64 completion tokens), full
+fine-tuning of the default model (SmolLM2-135M-Instruct), float32. Each variant computes the
+per-token log-probs of the completion tokens and backpropagates their weighted sum to every
+parameter (the gradient pass of a GRPO update):
+
+  plain MLX   model(rows) -> log_softmax over [16, 104, V] -> gather -> backward, with mlx-lm's
+              own functions (mlx_rft.kernels uninstalled)
+  ours        mlx_rft.algo.logprobs.sequence_logprobs, the trainer's path (prompt run once per
+              group, LM head only on completion tokens, chunked selective log-softmax)
+  ours, no prompt sharing   the same with share_prompt=False (every row runs its whole prompt)
+  torch       transformers' LlamaForCausalLM on the same weights (run with --torch under a Python
+              that has torch + transformers; see BENCHMARKS.md)
+
+Throughput is 16 x 104 row tokens per second of fwd+bwd (best of --repeats, after a warm-up), so
+prompt sharing counts as a speed-up over running each row's prompt: that is the work saved.
+
+    python bench/bench_train_tokens.py
+    /path/to/torch-env/bin/python bench/bench_train_tokens.py --torch --model <default model folder>
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+B, G, PROMPT, COMPLETION = 4, 4, 40, 64
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def run_torch(model_dir: str, repeats: int, threads: int) -> None:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model.train()
+    rng = np.random.default_rng(0)
+    rows = torch.tensor(rng.integers(100, 40000, size=(B * G, PROMPT + COMPLETION)))
+    w = torch.tensor(rng.normal(size=(B * G, COMPLETION)), dtype=torch.float32)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        logits = model(rows[:, :-1]).logits[:, PROMPT - 1 :]
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, rows[:, PROMPT:, None])[..., 0]
+        (logp * w).sum().backward()
+
+    sec = best_of(step, repeats)
+    print(f"torch {torch.__version__} ({threads} threads): {sec:.2f} s, "
+          f"{B * G * (PROMPT + COMPLETION) / sec:.1f} row tokens/s")
+
+
+def run_mlx(model_arg: str | None, repeats: int) -> None:
+    import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    from mlx_rft import kernels
+    from mlx_rft.algo.logprobs import sequence_logprobs
+    from mlx_rft.models import load_model
+
+    model, _ = load_model(model_arg)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(100, 40000, size=PROMPT).tolist() for _ in range(B)]
+    completions = mx.array(rng.integers(100, 40000, size=(B * G, COMPLETION)), dtype=mx.int32)
+    mask = mx.ones((B * G, COMPLETION))
+    w = mx.array(rng.normal(size=(B * G, COMPLETION)).astype(np.float32))
+    rows = mx.concatenate([mx.repeat(mx.array(prompts), G, axis=0), completions], axis=1)
+
+    def plain_loss(m):
+        logits = m(rows[:, :-1])[:, PROMPT - 1 :]
+        logp = mx.take_along_axis(nn.log_softmax(logits, axis=-1), completions[..., None], -1)[..., 0]
+        return (logp * w).sum()
+
+    def ours_loss(m, share):
+        logp, _ = sequence_logprobs(m, prompts, completions, mask, G, 1.0, share_prompt=share)
+        return (logp * w).sum()
+
+    variants = {
+        "plain MLX": nn.value_and_grad(model, plain_loss),
+        "ours": nn.value_and_grad(model, lambda m: ours_loss(m, True)),
+        "ours, no prompt sharing": nn.value_and_grad(model, lambda m: ours_loss(m, False)),
+        "ours, mlx-lm SwiGLU": nn.value_and_grad(model, lambda m: ours_loss(m, True)),
+    }
+    # Interleaved rounds so every variant sees the same machine load.
+    best = {k: float("inf") for k in variants}
+    stock = {"plain MLX", "ours, mlx-lm SwiGLU"}  # runs mlx-lm's own SwiGLU, not mlx_rft.kernels'
+    for rnd in range(repeats + 1):  # round 0 is the warm-up
+        for name, fn in variants.items():
+            kernels.uninstall() if name in stock else kernels.install(model)
+            t = time.perf_counter()
+            mx.eval(fn(model))
+            if rnd:
+                best[name] = min(best[name], time.perf_counter() - t)
+    tokens = B * G * (PROMPT + COMPLETION)
+    for name, sec in best.items():
+        print(f"{name}: {sec:.2f} s, {tokens / sec:.1f} row tokens/s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--torch", action="store_true", help="time torch + transformers instead")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = ap.parse_args()
+    print(f"fwd+bwd, full fine-tuning, float32, {B * G} rows x {PROMPT + COMPLETION} tokens "
+          f"({B} prompts x {G}, {PROMPT}-token prompts, {COMPLETION} completion tokens)")
+    if args.torch:
+        if not args.model:
+            ap.error("--torch needs --model (the HF-format folder, e.g. the imported default model)")
+        run_torch(args.model, args.repeats, args.threads)
+    else:
+        run_mlx(args.model, args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
