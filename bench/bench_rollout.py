@@ -34,6 +34,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.generate import batch_generate, generate_step  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
+from mlx_rft import kernels  # noqa: E402
 from mlx_rft.models import load_model  # noqa: E402
 from mlx_rft.rollout import RolloutStats, generate_rollouts  # noqa: E402
 from mlx_rft.rollout import engine as engine_module  # noqa: E402
@@ -90,12 +91,16 @@ def run_ours(model, tok, prompts, G, n, seed=0, stats=None):
     return generate_rollouts(model, tok, prompts, G, cfg, seed=seed, ignore_eos=True, stats=stats)
 
 
+# The mlx-lm baselines run with mlx-lm's own functions: `generate_rollouts` installs
+# mlx_rft.kernels (a faster CPU SwiGLU) process-wide, so they uninstall it first.
 def run_batch_generate(model, tok_noeos, prompts, G, n):
+    kernels.uninstall()
     rows = [p for p in prompts for _ in range(G)]
     return batch_generate(model, tok_noeos, rows, max_tokens=n, sampler=make_sampler(temp=1.0))
 
 
 def run_naive(model, prompts, n):
+    kernels.uninstall()
     sampler = make_sampler(temp=1.0)
     for p in prompts:
         for _ in generate_step(mx.array(p), model, max_tokens=n, sampler=sampler):
