@@ -1,16 +1,23 @@
-"""A faster CPU exp, and the decode-step SwiGLU built on it.
+"""CPU paths around MLX's slow `exp`: SwiGLU and the vocabulary-wide log-softmax.
 
 On MLX's CPU backend `mx.exp` (and `sigmoid`, `silu`, `softmax`, which use it) costs ~12 ns per
-element, against ~0.3 ns for an add. `exp_nonpositive` computes exp from adds and multiplies that
-MLX's compiler fuses into a few loops: ~3 ns per element on a [16, 49152] block, within 1e-7
-relative of float64 (`mx.exp` itself is within 2e-6). On large arrays the fused loops no longer
-fit in cache and it is no faster than `mx.exp`, so it is used where blocks are small: the
-sampler's per-step exponentials, and SwiGLU in decode steps.
+element, against ~0.3 ns for an add. Two remedies, each checked against float64 in
+tests/test_kernels.py:
 
-`install(model)` points the `swiglu` name that mlx-lm's model files call at `swiglu` below, which
-takes the polynomial path for decode-sized inputs (a 16-row decode step of SmolLM2: 0.17 against
-0.46 ms per layer) and mlx-lm's own function otherwise (prefill and training, where the stock
-fused kernel is as fast forward and faster backward). CPU only; set MLX_RFT_FAST_KERNELS=0 to keep
+* NumPy, whose `exp` is vectorised (~0.9 ns per element), for large blocks: the SwiGLU of prefill
+  and training passes (a [1664, 1536] block: ~8 against ~45 ms) and the log-softmax over the
+  vocabulary in `algo/logprobs.py` (logsumexp forward, softmax in its backward). Going through the
+  host syncs, so these are custom functions whose VJPs need no further sync: a sync inside the
+  backward pass would evaluate it piecewise, and under `grad` every evaluated array keeps its
+  inputs alive (the memory of the whole backward at once).
+* `exp_nonpositive`, a polynomial exp of adds and multiplies that MLX's compiler fuses, for small
+  blocks where a sync would stall the pipelined decode loop: the decode-step SwiGLU (16 x 1536:
+  0.17 against 0.46 ms per layer) and the sampler's per-step exponentials (~3 ns per element on
+  [16, 49152], within 1e-7 relative of float64; on large arrays it is no faster than `mx.exp`).
+
+`install(model)` points the `swiglu` name that mlx-lm's model files call at `swiglu` below
+(process-wide, for the modules that define `model`'s layers); `load_model` and the rollout engine
+call it. CPU only: on GPUs every function here falls through to MLX. MLX_RFT_FAST_KERNELS=0 keeps
 mlx-lm's function.
 """
 
