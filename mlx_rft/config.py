@@ -81,14 +81,10 @@ class GRPOConfig:
     top_k: int = _f(0, "sample only from the k most likely tokens (0 = off)")
     min_p: float = _f(0.0, "min-p sampling threshold (0 = off)")
     repetition_penalty: float = _f(1.0, "repetition penalty during sampling (1.0 = off)")
-    stop: list[str] = _f(
-        ["</answer>"],
-        "stop strings that end a completion (default: the closing answer tag, since nothing after "
-        "it earns reward; pass --stop with no value for none)",
-    )
+    stop: list[str] = _f([], "stop strings that end a completion, e.g. --stop '</answer>'")
     include_stop: bool = _f(
         True, "keep the matched stop string at the end of the completion text (so a reward that "
-        "looks for a closed <answer> tag sees it)"
+        "looks for a closed <answer> tag still sees it)"
     )
 
     # --- algorithm ---
@@ -101,6 +97,10 @@ class GRPOConfig:
     scale_rewards: str = _f("group", "group | batch | none: divide advantages by this std")
     drop_zero_std_groups: bool = _f(False, "mask groups whose rewards are all equal out of the loss")
     mask_truncated_completions: bool = _f(False, "mask completions that hit max_new_tokens")
+    skip_zero_advantage: bool = _f(
+        True, "leave groups whose advantages are all 0 out of the gradient pass when that is exact "
+        "(beta = 0 and top_entropy_quantile = 1): the same update for less compute"
+    )
     top_entropy_quantile: float = _f(1.0, "train only on tokens above this entropy quantile (1.0 = all)")
     num_iterations: int = _f(1, "optimisation passes over each batch of rollouts (mu)")
 

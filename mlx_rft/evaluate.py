@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=1, help="samples per prompt for pass@k")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (k must be 1)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion length limit")
+    p.add_argument(
+        "--stop", nargs="*", default=[],
+        help="stop strings that end a completion, kept at the end of the text (e.g. --stop "
+        "'</answer>'; default none, as in training)",
+    )
     p.add_argument("--system-prompt", default=None, help="system message (default: the task's)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and the task's held-out split")
     return p
@@ -99,7 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         data = PromptDataset.from_rows(rows, tokenizer, system_prompt=system)
         funcs = list(task.reward_funcs)
     examples = list(data)[: args.limit]
-    sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    sampling = SamplingConfig(
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, stop=list(args.stop),
+        include_stop=True,
+    )
     out = evaluate_prompts(
         model, tokenizer, examples, RewardSet(funcs[:1], on_error="none"),
         k=args.k, sampling=sampling, seed=args.seed,

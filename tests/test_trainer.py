@@ -3,6 +3,7 @@ exact, resume reproduces an uninterrupted run, Ctrl-C saves a checkpoint."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,46 @@ def test_gradient_accumulation_is_exact(tiny_qwen3, tmp_path):
         np.testing.assert_allclose(results[0][k], results[1][k], atol=2e-6, err_msg=k)
         moved += np.abs(results[0][k]).sum() > 0
     assert moved
+
+
+def half_constant(prompts, completions, **columns):
+    """digit_share for even-numbered questions, a constant for odd ones (zero-variance groups)."""
+    return [s if int(re.search(r"Question (\d+)", p).group(1)) % 2 == 0 else 0.5
+            for p, s in zip(prompts, digit_share(prompts, completions))]
+
+
+def test_skipping_zero_advantage_groups_gives_the_same_update(tiny_qwen3, tmp_path):
+    runs = {}
+    for skip in (True, False):
+        cfg = make_cfg(tiny_qwen3, tmp_path / str(skip), num_steps=2, optimizer="sgd",
+                       learning_rate=0.5, gradient_accumulation_steps=2, skip_zero_advantage=skip)
+        t = GRPOTrainer(cfg, reward_funcs=[half_constant], train_dataset=ROWS)
+        runs[skip] = (t, t.train())
+    (skipped, res_s), (full, res_f) = runs[True], runs[False]
+    rows_s = [h["update/rows"] for h in res_s.history if "loss" in h]
+    rows_f = [h["update/rows"] for h in res_f.history if "loss" in h]
+    assert rows_f == [16, 16] and all(r < 16 for r in rows_s), rows_s
+    a, b = _final_state(skipped), _final_state(full)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=2e-6, err_msg=k)
+    for k in ("loss", "grad_norm", "tokens/completion"):
+        fa = [h[k] for h in res_s.history if "loss" in h]
+        fb = [h[k] for h in res_f.history if "loss" in h]
+        assert fa == pytest.approx(fb, rel=1e-5, abs=1e-7), k
+
+
+def test_a_step_with_no_signal_skips_the_gradient_pass(tiny_qwen3, tmp_path):
+    def constant(prompts, completions, **columns):
+        return [1.0] * len(completions)
+
+    cfg = make_cfg(tiny_qwen3, tmp_path, num_steps=1, optimizer="sgd", learning_rate=0.5)
+    t = GRPOTrainer(cfg, reward_funcs=[constant], train_dataset=ROWS)
+    res = t.train()
+    step = [h for h in res.history if "loss" in h][0]
+    assert step["update/rows"] == 0 and step["loss"] == 0.0 and step["grad_norm"] == 0.0
+    # The optimizer still stepped, with a zero gradient: SGD leaves LoRA's zero-initialised B at 0.
+    lora_b = [v for k, v in _final_state(t).items() if k.endswith("lora_b")]
+    assert lora_b and all(not v.any() for v in lora_b)
 
 
 def test_resume_reaches_the_same_weights_and_metrics(tiny_qwen3, tmp_path):

@@ -246,6 +246,8 @@ class GRPOTrainer:
             weight = float(mb[3].sum().item())
             for k, v in stats.items():
                 stats_acc.setdefault(k, []).append((float(v.item()), weight))
+        if grads_acc is None:  # nothing on this process changes the gradient
+            grads_acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
         grads_acc = self.world.sum_tree(grads_acc)
         loss_acc = self.world.sum_floats(loss_acc)[0]
         if self._before_update is None:
@@ -438,19 +440,32 @@ class GRPOTrainer:
             mx.eval(ref_lp)
         t_lp = time.perf_counter() - t0
 
+        # Groups that cannot change the gradient stay out of the gradient pass: rows whose mask is
+        # all zero, and, when the loss is exactly 0 at advantage 0 (no KL term, no entropy-quantile
+        # masking, which ranks all tokens), rows with advantage 0. The step's normalisers still
+        # count every row, and the optimizer still steps (with zero gradient if nothing is left),
+        # so the update is the one the full batch gives.
+        row_live = keep > 0
+        if cfg.skip_zero_advantage and cfg.beta == 0 and cfg.top_entropy_quantile >= 1.0:
+            row_live &= np.asarray(adv.advantages) != 0
+        live_groups = row_live.reshape(-1, G).any(axis=1)
+        rows = np.flatnonzero(np.repeat(live_groups, G))
         # Micro-batches of whole groups when they fit, so each prompt is run once per micro-batch.
-        n = len(rollouts.texts)
         micro = []
-        for sl in self._micro_slices(n):
+        for sl in self._micro_slices(len(rows)):
             a, b = sl.start, sl.stop
+            if a == b:
+                continue
+            idx = mx.array(rows[a:b])
             if a % G == 0 and b % G == 0:
-                p, g = prompts[a // G : b // G], G
+                p, g = [prompts[r // G] for r in rows[a:b:G]], G
             else:
-                p, g = [prompts[i // G] for i in range(a, b)], 1
+                p, g = [prompts[r // G] for r in rows[a:b]], 1
             micro.append((
-                p, g, rollouts.completion_ids[a:b], mask[a:b], rollouts.logprobs[a:b],
-                None if ref_lp is None else ref_lp[a:b], advantages[a:b],
+                p, g, rollouts.completion_ids[idx], mask[idx], rollouts.logprobs[idx],
+                None if ref_lp is None else ref_lp[idx], advantages[idx],
             ))
+        n = len(rollouts.texts)
         # Normalise by the whole step's counts over all processes, then sum gradients: exact.
         global_tokens = world.sum_floats(float(mask.sum().item()))[0]
         totals = {"num_sequences": n * world.size, "global_token_count": max(global_tokens, 1.0)}
@@ -481,12 +496,16 @@ class GRPOTrainer:
             "completion/max_length": float(lengths.max()),
             "completion/truncated_frac": float(np.mean([r == "length" for r in rollouts.finish_reasons])),
             "tokens_per_sec/generate": gen_tokens / max(t_gen, 1e-9),
-            "tokens_per_sec/train": cfg.num_iterations * (gen_tokens + sum(len(p) for p in prompts)) / max(t_upd, 1e-9),
+            "tokens_per_sec/train": cfg.num_iterations * (
+                float(lengths[rows].sum()) + sum(len(prompts[r // G]) for r in rows[::G])
+            ) / max(t_upd, 1e-9),
+            "update/rows": len(rows),
             "time/generate": t_gen, "time/reward": t_rew, "time/logprobs": t_lp,
             "time/update": t_upd, "time/step": t_step,
             "memory/peak_gb": mx.get_peak_memory() / 1e9,
             "lr": _current_lr(self.optimizer),
             **upd,
+            "tokens/completion": gen_tokens,  # all generated tokens, not only those in the update
         }
         if world.size > 1:  # the step's reward statistics over all processes
             everything = world.gather(np.asarray(rewards.total, dtype=np.float32))
