@@ -74,7 +74,7 @@ class GRPOConfig:
 
     # --- generation ---
     prompts_per_step: int = _f(4, "prompts per optimizer step (B)")
-    group_size: int = _f(4, "completions sampled per prompt (G); the step holds B x G completions")
+    group_size: int = _f(8, "completions sampled per prompt (G); the step holds B x G completions")
     max_new_tokens: int = _f(64, "maximum completion length in tokens")
     temperature: float = _f(1.0, "sampling temperature (also used for the training log-probs)")
     top_p: float = _f(1.0, "nucleus sampling threshold (1.0 = off)")
@@ -105,9 +105,9 @@ class GRPOConfig:
     num_iterations: int = _f(1, "optimisation passes over each batch of rollouts (mu)")
 
     # --- optimisation ---
-    num_steps: int = _f(40, "optimizer steps to run")
+    num_steps: int = _f(60, "optimizer steps to run")
     optimizer: str = _f("adamw", "adamw | adam | sgd | lion | muon")
-    learning_rate: float = _f(1e-4, "peak learning rate")
+    learning_rate: float = _f(5e-5, "peak learning rate")
     weight_decay: float = _f(0.0, "weight decay (adamw, lion, sgd)")
     lr_schedule: str = _f("constant", "constant | cosine | linear (decay after warmup)")
     warmup_steps: int = _f(0, "linear warmup steps")

@@ -225,11 +225,22 @@ def selective_logsoftmax_cotangent(z: mx.array, targets: mx.array, g: mx.array) 
     return mx.array(t, dtype=z.dtype)
 
 
+def row_sum(x: mx.array) -> mx.array:
+    """Sum over the last axis, keeping it; on the CPU accumulated in float64.
+
+    MLX's CPU float32 sum over a 49,152-entry vocabulary row is off by up to ~2.5e-4 relative
+    (log-probs off by as much); in float64 the error is ~1e-9, for ~0.4 ms more on [16, 49152].
+    """
+    if on_cpu() and x.dtype == mx.float32:
+        return mx.sum(x.astype(mx.float64), axis=-1, keepdims=True).astype(mx.float32)
+    return mx.sum(x, axis=-1, keepdims=True)
+
+
 def log_normalizer(z: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     """(max, exp(z - max), logsumexp) along the last axis; max and logsumexp keep the axis."""
     m = mx.max(z, axis=-1, keepdims=True)
     e = exp_nonpositive(z - m)
-    return m, e, m + mx.log(mx.sum(e, axis=-1, keepdims=True))
+    return m, e, m + mx.log(row_sum(e))
 
 
 # ---------------------------------------------------------------- installing into a model

@@ -34,7 +34,7 @@ def test_list_and_bool_flags():
     "overrides, words",
     [
         ({"group_size": 1}, ["group_size=1", "2 or more"]),
-        ({"gradient_accumulation_steps": 3}, ["gradient_accumulation_steps=3", "16 completions"]),
+        ({"gradient_accumulation_steps": 3}, ["gradient_accumulation_steps=3", "32 completions"]),
         ({"loss_type": "ppo"}, ["loss_type='ppo'", "dapo"]),
         ({"reward_funcs": ["a", "b"], "reward_weights": [1.0]}, ["1 reward_weights for 2"]),
         ({"beta": 0.1, "finetune_type": "dora"}, ["dora"]),

@@ -39,7 +39,7 @@ import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from ..errors import MlxRftError
-from ..kernels import exp_nonpositive, log_normalizer
+from ..kernels import exp_nonpositive, log_normalizer, row_sum
 from ..types import SamplingConfig
 
 def penalty_counts(context: mx.array, valid: mx.array, vocab_size: int) -> mx.array:
@@ -119,7 +119,7 @@ def apply_xtc(
     u: [N, 1] uniform draws.
     """
     e = exp_nonpositive(z - mx.max(z, axis=-1, keepdims=True))
-    probs = e / mx.sum(e, axis=-1, keepdims=True)
+    probs = e / row_sum(e)
     smallest_above = mx.min(mx.where(probs > threshold, probs, mx.inf), axis=-1, keepdims=True)
     remove = probs > smallest_above
     if protected is not None:

@@ -207,10 +207,16 @@ class GRPOTrainer:
                 k=cfg.eval_k, sampling=sampling, seed=step_seed(cfg.seed, 0, salt=17),
             )
 
-    def _micro_slices(self, n: int) -> list[slice]:
+    def _micro_slices(self, n: int, group_size: int) -> list[slice]:
+        """At most `gradient_accumulation_steps` contiguous slices covering all n rows: on group
+        boundaries (so each micro-batch runs its prompts once) when there are enough groups."""
         m = self.cfg.gradient_accumulation_steps
-        size = n // m
-        return [slice(i * size, (i + 1) * size) for i in range(m)]
+        groups = n // group_size
+        if groups >= m:
+            cuts = [group_size * (groups * i // m) for i in range(m + 1)]
+        else:
+            cuts = [n * i // m for i in range(m + 1)]
+        return [slice(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
     def _make_loss(self):
         from ..algo.logprobs import sequence_logprobs
@@ -452,10 +458,8 @@ class GRPOTrainer:
         rows = np.flatnonzero(np.repeat(live_groups, G))
         # Micro-batches of whole groups when they fit, so each prompt is run once per micro-batch.
         micro = []
-        for sl in self._micro_slices(len(rows)):
+        for sl in self._micro_slices(len(rows), G):
             a, b = sl.start, sl.stop
-            if a == b:
-                continue
             idx = mx.array(rows[a:b])
             if a % G == 0 and b % G == 0:
                 p, g = [prompts[r // G] for r in rows[a:b:G]], G
