@@ -172,7 +172,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tiny_qwen3, tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during step 2
             return digit_share(prompts, completions)
         cfg = GRPOConfig(model={str(tiny_qwen3)!r}, num_steps=50, max_new_tokens=6, eval_size=4,
-                         output_dir={str(tmp_path)!r}, save_every=100)
+                         output_dir={str(tmp_path)!r}, save_every=100, prompts_per_step=4,
+                         group_size=4)
         res = GRPOTrainer(cfg, reward_funcs=[reward], train_dataset=ROWS).train()
         print("STOPPED_AT", res.steps, res.interrupted)
     """)
