@@ -86,6 +86,13 @@ def _sigmoid_from(gate: mx.array, e: mx.array) -> mx.array:
     return mx.where(gate >= 0, 1.0, e) / (1.0 + e)
 
 
+@partial(mx.compile, shapeless=True)
+def _swiglu_grads(gate, x, sig, c):
+    silu = gate * sig
+    # d silu / d gate = sig * (1 + gate * (1 - sig))
+    return c * x * (sig + silu * (1.0 - sig)), c * silu
+
+
 @mx.custom_function
 def _swiglu(gate: mx.array, x: mx.array) -> mx.array:
     sig = _sigmoid_from(gate, exp_nonpositive(-mx.abs(gate)))
@@ -95,11 +102,7 @@ def _swiglu(gate: mx.array, x: mx.array) -> mx.array:
 @_swiglu.vjp
 def _swiglu_vjp(primals, cotangent, output):
     gate, x = primals
-    sig = _sigmoid_from(gate, exp_nonpositive(-mx.abs(gate)))
-    silu = gate * sig
-    # d silu / d gate = sig * (1 + gate * (1 - sig))
-    d_gate = cotangent * x * (sig + silu * (1.0 - sig))
-    return d_gate, cotangent * silu
+    return _swiglu_grads(gate, x, _sigmoid_from(gate, exp_nonpositive(-mx.abs(gate))), cotangent)
 
 
 def host(a: mx.array) -> np.ndarray:
@@ -124,13 +127,6 @@ def _swiglu_host_vjp(primals, cotangents, outputs):
     return _swiglu_grads(gate, x, outputs[1], cotangents[0])
 
 
-@partial(mx.compile, shapeless=True)
-def _swiglu_grads(gate, x, sig, c):
-    silu = gate * sig
-    # d silu / d gate = sig * (1 + gate * (1 - sig))
-    return c * x * (sig + silu * (1.0 - sig)), c * silu
-
-
 # Inputs up to this many elements take the polynomial path (a 16-row decode step has 16 x 1536);
 # larger ones (prefill, training) go through NumPy, whose exp is vectorised.
 SMALL_INPUT = 1 << 16
@@ -151,10 +147,16 @@ def host_ok(z: mx.array) -> bool:
     return on_cpu() and z.dtype in (mx.float32, mx.float64) and z.ndim == 2
 
 
-def _host_lse(z: np.ndarray) -> np.ndarray:
+def _host_shifted_exp(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(exp(z - max), max) along the last axis, max kept; a new array, z is untouched."""
     m = z.max(axis=-1, keepdims=True)
     t = z - m
     np.exp(t, out=t)
+    return t, m
+
+
+def _host_lse(z: np.ndarray) -> np.ndarray:
+    t, m = _host_shifted_exp(z)
     return (m + np.log(t.sum(axis=-1, keepdims=True)))[:, 0]
 
 
@@ -180,9 +182,7 @@ def softmax(z: mx.array) -> mx.array:
     """softmax over the last axis of [K, V] logits (no gradient)."""
     if not host_ok(z):
         return mx.softmax(z, axis=-1, precise=True)
-    t = host(z)
-    t = t - t.max(axis=-1, keepdims=True)
-    np.exp(t, out=t)
+    t, _ = _host_shifted_exp(host(z))
     t /= t.sum(axis=-1, keepdims=True)
     return mx.array(t, dtype=z.dtype)
 
@@ -216,10 +216,8 @@ def selective_logsoftmax_cotangent(z: mx.array, targets: mx.array, g: mx.array) 
     if not host_ok(z):
         onehot = mx.arange(z.shape[-1]) == targets[:, None]
         return g[:, None] * (onehot - mx.softmax(z, axis=-1, precise=True))
-    t = host(z)
+    t, _ = _host_shifted_exp(host(z))
     gn = host(g).astype(t.dtype)
-    t = t - t.max(axis=-1, keepdims=True)
-    np.exp(t, out=t)
     t *= (-gn / t.sum(axis=-1))[:, None]
     t[np.arange(t.shape[0]), host(targets)] += gn
     return mx.array(t, dtype=z.dtype)
