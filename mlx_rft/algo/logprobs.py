@@ -180,9 +180,7 @@ def _head_token_stats(
         z = out if out.dtype == mx.float64 else out.astype(mx.float32)
         return z / temperature if temperature != 1.0 else z
 
-    # On the CPU the vocabulary-wide softmax runs in NumPy (vectorised exp): each chunk syncs, and
-    # its results are detached so that its [k, V] buffers are freed before the next chunk.
-    on_host = kernels.on_cpu() and hidden.dtype in (mx.float32, mx.float64)
+    on_host = kernels.on_cpu() and hidden.dtype in (mx.float32, mx.float64)  # see the docstring
 
     @mx.custom_function
     def fused(hidden: mx.array, leaves: list[mx.array]):
