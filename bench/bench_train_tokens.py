@@ -10,6 +10,7 @@ parameter (the gradient pass of a GRPO update):
   ours        mlx_rft.algo.logprobs.sequence_logprobs, the trainer's path (prompt run once per
               group, LM head only on completion tokens, chunked selective log-softmax)
   ours, no prompt sharing   the same with share_prompt=False (every row runs its whole prompt)
+  ours, mlx-lm SwiGLU       ours with mlx_rft.kernels uninstalled (what its SwiGLU path saves)
   torch       transformers' LlamaForCausalLM on the same weights (run with --torch under a Python
               that has torch + transformers; see BENCHMARKS.md)
 

@@ -135,7 +135,7 @@ SMALL_INPUT = 1 << 16
 def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """silu(gate) * x, as mlx-lm's `activations.swiglu`."""
     if not (on_cpu() and gate.dtype == x.dtype == mx.float32 and gate.shape == x.shape):
-        return _stock_fn("swiglu")(gate, x)
+        return mlx_lm_swiglu()(gate, x)
     return _swiglu(gate, x) if gate.size <= SMALL_INPUT else _swiglu_host(gate, x)[0]
 
 
@@ -243,20 +243,12 @@ def log_normalizer(z: mx.array) -> tuple[mx.array, mx.array, mx.array]:
 
 # ---------------------------------------------------------------- installing into a model
 
-_stock: dict = {}
 
+def mlx_lm_swiglu():
+    """mlx-lm's own SwiGLU (`install` patches the model modules' globals, never this one)."""
+    from mlx_lm.models.activations import swiglu as stock
 
-def _stock_fn(name: str):
-    """mlx-lm's own function `name`, as it was before any `install`."""
-    if not _stock:
-        from mlx_lm.models import activations
-
-        _stock["swiglu"] = activations.swiglu
-    return _stock[name]
-
-
-_PATCHED = ("swiglu",)
-_OURS = {"swiglu": swiglu}
+    return stock
 
 
 def enabled() -> bool:
@@ -267,31 +259,27 @@ def install(model) -> list[str]:
     """Point the mlx-lm modules that define `model`'s layers at `swiglu`; returns what it patched.
 
     Only a module global `swiglu` that is still mlx-lm's own function is replaced, so this is
-    idempotent. The change is process-wide for those modules (their other models use it too),
-    which is harmless: outside decode-sized float32 inputs on the CPU it calls mlx-lm's function.
+    idempotent. The change is process-wide for those modules (their other models use it too);
+    `swiglu` falls back to mlx-lm's function off the CPU or for non-float32 inputs.
     """
     if not enabled():
         return []
+    stock = mlx_lm_swiglu()
     names = {type(m).__module__ for m in model.modules()} | {type(model).__module__}
     patched = []
     for name in sorted(names):
         module = sys.modules.get(name)
-        if module is None or not name.startswith("mlx_lm.models."):
-            continue
-        for attr in _PATCHED:
-            if getattr(module, attr, None) is _stock_fn(attr):
-                setattr(module, attr, _OURS[attr])
-                patched.append(f"{name}.{attr}")
+        if name.startswith("mlx_lm.models.") and getattr(module, "swiglu", None) is stock:
+            module.swiglu = swiglu
+            patched.append(f"{name}.swiglu")
     return patched
 
 
 def uninstall() -> list[str]:
     """Undo `install` everywhere (benchmarks use it to time mlx-lm's own functions)."""
-    restored = []
+    stock, restored = mlx_lm_swiglu(), []
     for name, module in list(sys.modules.items()):
-        if name.startswith("mlx_lm.models.") and module is not None:
-            for attr in _PATCHED:
-                if getattr(module, attr, None) is _OURS[attr]:
-                    setattr(module, attr, _stock_fn(attr))
-                    restored.append(f"{name}.{attr}")
+        if name.startswith("mlx_lm.models.") and getattr(module, "swiglu", None) is swiglu:
+            module.swiglu = stock
+            restored.append(f"{name}.swiglu")
     return restored

@@ -81,7 +81,7 @@ def test_install_patches_the_model_module_once_and_can_be_disabled(tiny_qwen3, m
 
     model, _ = load_model(tiny_qwen3)
     qwen3 = importlib.import_module("mlx_lm.models.qwen3")
-    stock = kernels._stock_fn("swiglu")
+    stock = kernels.mlx_lm_swiglu()
     monkeypatch.setattr(qwen3, "swiglu", stock)  # undone after the test
 
     monkeypatch.setenv("MLX_RFT_FAST_KERNELS", "0")

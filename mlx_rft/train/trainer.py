@@ -123,7 +123,6 @@ class GRPOTrainer:
         )
         self.optimizer = build_optimizer(cfg)
         self.apply_update = CompiledApply(self.model, self.optimizer, cfg.max_grad_norm)
-        self._before_update: dict[str, mx.array] | None = None
 
     def _setup_data(self) -> None:
         from ..data import PromptDataset, load_prompt_dataset, train_eval_split
@@ -256,10 +255,6 @@ class GRPOTrainer:
             grads_acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
         grads_acc = self.world.sum_tree(grads_acc)
         loss_acc = self.world.sum_floats(loss_acc)[0]
-        if self._before_update is None:
-            # References (not copies) to the weights before the step's first update, for the
-            # update norm; taken after the backward pass so they add nothing to its peak memory.
-            self._before_update = dict(tree_flatten(self.model.trainable_parameters()))
         grad_norm = self.apply_update(grads_acc)
         mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
         out = {"loss": loss_acc, "grad_norm": grad_norm.item()}
@@ -475,10 +470,12 @@ class GRPOTrainer:
         totals = {"num_sequences": n * world.size, "global_token_count": max(global_tokens, 1.0)}
 
         t0 = time.perf_counter()
+        # References (not copies) to the weights before this step's updates, for the update norm:
+        # they hold no memory until the optimizer replaces those arrays.
+        before = dict(tree_flatten(self.model.trainable_parameters()))
         upd: dict[str, float] = {}
         for _ in range(cfg.num_iterations):
             upd = self._update(loss_and_grad, micro, totals)
-        before, self._before_update = self._before_update, None
         upd["update_norm"] = math.sqrt(sum(
             _squared_distance(v, before[k])
             for k, v in tree_flatten(self.model.trainable_parameters())
