@@ -150,9 +150,11 @@ def load_model(
             ) from e
         raise
     cast_model(model_obj, dtype or default_dtype())
-    from . import kernels
+    from . import allocator, kernels
 
     kernels.install(model_obj)  # CPU only: SwiGLU without MLX's scalar exp (see kernels.py)
+    if kernels.on_cpu():
+        allocator.retain_freed_memory()  # no page faults on every fresh array (see allocator.py)
     if not lazy:
         import mlx.core as mx
 
