@@ -1,12 +1,14 @@
-"""CPU paths around MLX's slow `exp`: SwiGLU and the vocabulary-wide log-softmax.
+"""CPU paths around MLX's slow `exp`: SwiGLU, attention and the vocabulary-wide log-softmax.
 
 On MLX's CPU backend `mx.exp` (and `sigmoid`, `silu`, `softmax`, which use it) costs ~12 ns per
 element, against ~0.3 ns for an add. Two remedies, each checked against float64 in
 tests/test_kernels.py:
 
 * NumPy, whose `exp` is vectorised (~0.9 ns per element), for large blocks: the SwiGLU of prefill
-  and training passes (a [1664, 1536] block: ~8 against ~45 ms) and the log-softmax over the
-  vocabulary in `algo/logprobs.py` (logsumexp forward, softmax in its backward). Going through the
+  and training passes (a [1664, 1536] block: ~8 against ~45 ms), the attention softmax of those
+  passes (0.6 s of a 6.7 s training pass of the default model, and 0.3 GB of its peak memory),
+  and the log-softmax over the vocabulary in `algo/logprobs.py` (logsumexp forward, softmax in its
+  backward). Going through the
   host syncs, so these are custom functions whose VJPs need no further sync: a sync inside the
   backward pass would evaluate it piecewise, and under `grad` every evaluated array keeps its
   inputs alive (the memory of the whole backward at once).
@@ -15,10 +17,10 @@ tests/test_kernels.py:
   0.17 against 0.46 ms per layer) and the sampler's per-step exponentials (~3 ns per element on
   [16, 49152], within 1e-7 relative of float64; on large arrays it is no faster than `mx.exp`).
 
-`install(model)` points the `swiglu` name that mlx-lm's model files call at `swiglu` below
-(process-wide, for the modules that define `model`'s layers); `load_model` and the rollout engine
-call it. CPU only: on GPUs every function here falls through to MLX. MLX_RFT_FAST_KERNELS=0 keeps
-mlx-lm's function.
+`install(model)` points the `swiglu` and `scaled_dot_product_attention` names that mlx-lm's model
+files call at the functions below (process-wide, for the modules that define `model`'s layers);
+`load_model` and the rollout engine call it. CPU only: on GPUs every function here falls through
+to MLX. MLX_RFT_FAST_KERNELS=0 keeps mlx-lm's functions.
 """
 
 from __future__ import annotations
@@ -139,6 +141,86 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return _swiglu(gate, x) if gate.size <= SMALL_INPUT else _swiglu_host(gate, x)[0]
 
 
+# ---------------------------------------------------------------- attention over several queries
+
+
+def _host_attention_probs(scores: np.ndarray, scale: float, mask, L: int, r: int) -> np.ndarray:
+    """softmax(scale * scores + mask) over the last axis, in NumPy, for grouped scores
+    [B, Hkv, r * L, S] (row j of a group is query j % L of query head j // L)."""
+    t = scores * np.float32(scale)
+    S = t.shape[-1]
+    # Masked scores become the lowest finite value, as in MLX: a fully masked row (a left-padding
+    # query) gets uniform weights instead of NaN.
+    low = np.finfo(t.dtype).min
+    if isinstance(mask, str):  # "causal", aligned to the end: query i sees keys <= i + S - L
+        keep = np.tri(L, S, S - L, dtype=bool)
+        np.putmask(t, ~np.broadcast_to(np.tile(keep, (r, 1)), t.shape), low)
+    elif mask is not None:
+        B, Hk = t.shape[:2]
+        m = np.broadcast_to(mask, (mask.shape[0] if mask.ndim == 4 else 1, Hk * r, L, S))
+        m = m.reshape(m.shape[0], Hk, r * L, S)
+        if m.dtype == np.bool_:
+            np.putmask(t, ~np.broadcast_to(m, t.shape), low)
+        else:
+            t += m
+    t -= t.max(axis=-1, keepdims=True)
+    np.exp(t, out=t)
+    t /= t.sum(axis=-1, keepdims=True)
+    return t
+
+
+def _attention_fn(scale: float, mask, shape: tuple[int, ...], kv_heads: int):
+    B, H, L, D = shape
+    r = H // kv_heads
+
+    def grouped(x):  # [B, H, L, D] -> [B, Hkv, r * L, D]: the queries that share a key/value head
+        return x.reshape(B, kv_heads, r * L, x.shape[-1])
+
+    @mx.custom_function
+    def attend(q, k, v):
+        scores = grouped(q) @ k.swapaxes(-1, -2)
+        host_mask = mask if mask is None or isinstance(mask, str) else host(mask)
+        probs = mx.array(_host_attention_probs(host(scores), scale, host_mask, L, r), dtype=q.dtype)
+        return (probs @ v).reshape(B, H, L, v.shape[-1]), probs
+
+    @attend.vjp
+    def attend_vjp(primals, cotangents, outputs):
+        # Only MLX ops (no sync): the softmax VJP needs the probabilities, not another exp.
+        q, k, v = primals
+        probs = outputs[1]
+        dout = grouped(cotangents[0])
+        dp = dout @ v.swapaxes(-1, -2)
+        ds = probs * (dp - (dp * probs).sum(axis=-1, keepdims=True)) * scale
+        dq = (ds @ k).reshape(q.shape)
+        return dq, ds.swapaxes(-1, -2) @ grouped(q), probs.swapaxes(-1, -2) @ dout
+
+    return attend
+
+
+# Query blocks of at least this many rows take the NumPy softmax (prefill and training passes);
+# decode steps (one query) keep MLX's fused kernel, whose softmax over a few hundred keys is cheap.
+MIN_HOST_QUERIES = 2
+
+
+def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None):
+    """mlx-lm's `base.scaled_dot_product_attention` with the softmax of multi-query blocks in NumPy.
+
+    MLX's CPU `mx.fast.scaled_dot_product_attention` falls back to separate ops: a scaled copy of
+    the queries, the scores, the masked scores, a softmax with the scalar exp, and their VJPs. Here
+    the scores come from one matmul, the softmax (mask included) runs in NumPy, and the custom VJP
+    keeps only q, k, v and the probabilities. Decode steps, attention sinks, quantized caches,
+    non-float32 inputs and other devices use mlx-lm's function.
+    """
+    if (
+        sinks is not None or hasattr(cache, "bits") or not on_cpu() or queries.dtype != mx.float32
+        or keys.dtype != mx.float32 or queries.shape[2] < MIN_HOST_QUERIES
+        or queries.shape[1] % keys.shape[1]
+    ):
+        return mlx_lm_attention()(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    fn = _attention_fn(float(scale), mask, tuple(queries.shape), keys.shape[1])
+    return fn(queries, keys, values)[0]
+
+
 # ---------------------------------------------------------------- vocabulary-wide log-softmax
 
 
@@ -251,35 +333,56 @@ def mlx_lm_swiglu():
     return stock
 
 
+def mlx_lm_attention():
+    """mlx-lm's own `base.scaled_dot_product_attention`."""
+    from mlx_lm.models.base import scaled_dot_product_attention as stock
+
+    return stock
+
+
 def enabled() -> bool:
     return on_cpu() and os.environ.get("MLX_RFT_FAST_KERNELS", "1").strip() not in ("0", "false", "no")
 
 
-def install(model) -> list[str]:
-    """Point the mlx-lm modules that define `model`'s layers at `swiglu`; returns what it patched.
+def _patches() -> dict:
+    """Module-global names in mlx-lm's model files -> (mlx-lm's function, ours)."""
+    return {
+        "swiglu": (mlx_lm_swiglu(), swiglu),
+        "scaled_dot_product_attention": (mlx_lm_attention(), scaled_dot_product_attention),
+    }
 
-    Only a module global `swiglu` that is still mlx-lm's own function is replaced, so this is
-    idempotent. The change is process-wide for those modules (their other models use it too);
-    `swiglu` falls back to mlx-lm's function off the CPU or for non-float32 inputs.
+
+def install(model) -> list[str]:
+    """Point the mlx-lm modules that define `model`'s layers at `swiglu` and
+    `scaled_dot_product_attention`; returns what it patched.
+
+    Only a module global that is still mlx-lm's own function is replaced, so this is idempotent.
+    The change is process-wide for those modules (their other models use it too); both functions
+    fall back to mlx-lm's off the CPU or for inputs they do not cover.
     """
     if not enabled():
         return []
-    stock = mlx_lm_swiglu()
     names = {type(m).__module__ for m in model.modules()} | {type(model).__module__}
     patched = []
     for name in sorted(names):
         module = sys.modules.get(name)
-        if name.startswith("mlx_lm.models.") and getattr(module, "swiglu", None) is stock:
-            module.swiglu = swiglu
-            patched.append(f"{name}.swiglu")
+        if not name.startswith("mlx_lm.models."):
+            continue
+        for attr, (stock, ours) in _patches().items():
+            if getattr(module, attr, None) is stock:
+                setattr(module, attr, ours)
+                patched.append(f"{name}.{attr}")
     return patched
 
 
 def uninstall() -> list[str]:
     """Undo `install` everywhere (benchmarks use it to time mlx-lm's own functions)."""
-    stock, restored = mlx_lm_swiglu(), []
+    restored = []
     for name, module in list(sys.modules.items()):
-        if name.startswith("mlx_lm.models.") and getattr(module, "swiglu", None) is swiglu:
-            module.swiglu = stock
-            restored.append(f"{name}.swiglu")
+        if not name.startswith("mlx_lm.models."):
+            continue
+        for attr, (stock, ours) in _patches().items():
+            if getattr(module, attr, None) is ours:
+                setattr(module, attr, stock)
+                restored.append(f"{name}.{attr}")
     return restored

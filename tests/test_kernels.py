@@ -82,7 +82,9 @@ def test_install_patches_the_model_module_once_and_can_be_disabled(tiny_qwen3, m
     model, _ = load_model(tiny_qwen3)
     qwen3 = importlib.import_module("mlx_lm.models.qwen3")
     stock = kernels.mlx_lm_swiglu()
+    stock_attention = kernels.mlx_lm_attention()
     monkeypatch.setattr(qwen3, "swiglu", stock)  # undone after the test
+    monkeypatch.setattr(qwen3, "scaled_dot_product_attention", stock_attention)
 
     monkeypatch.setenv("MLX_RFT_FAST_KERNELS", "0")
     assert kernels.install(model) == [] and qwen3.swiglu is stock
@@ -90,8 +92,11 @@ def test_install_patches_the_model_module_once_and_can_be_disabled(tiny_qwen3, m
     monkeypatch.delenv("MLX_RFT_FAST_KERNELS")
     tokens = mx.array([[1, 5, 9, 30, 2]])
     before = model(tokens)
-    assert kernels.install(model) == ["mlx_lm.models.qwen3.swiglu"]
+    assert sorted(kernels.install(model)) == [
+        "mlx_lm.models.qwen3.scaled_dot_product_attention", "mlx_lm.models.qwen3.swiglu",
+    ]
     assert qwen3.swiglu is kernels.swiglu
+    assert qwen3.scaled_dot_product_attention is kernels.scaled_dot_product_attention
     assert kernels.install(model) == []  # already installed
     after = model(tokens)
     assert mx.abs(after - before).max().item() < 1e-4
@@ -104,3 +109,77 @@ def test_row_sum_is_accurate_over_a_vocabulary_row():
     got = np.array(kernels.row_sum(mx.array(e)))[:, 0].astype(np.float64)
     ref = e.astype(np.float64).sum(axis=-1)
     assert np.max(np.abs(got / ref - 1)) < 1e-6
+
+
+def _attention_f64(q, k, v, scale, keep=None, additive=None):
+    """Reference attention in float64 NumPy: q [B, H, L, D], k/v [B, Hkv, S, D]."""
+    r = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, r, axis=1), np.repeat(v, r, axis=1)
+    s = scale * q @ np.swapaxes(k, -1, -2)
+    if additive is not None:
+        s = s + additive
+    if keep is not None:
+        s = np.where(keep, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return p @ v
+
+
+@pytest.mark.parametrize("kind", ["causal", "bool", "additive", "none"])
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4)])  # grouped-query and plain multi-head
+def test_attention_matches_float64_and_mlx_values_and_gradients(kind, heads):
+    H, Hk = heads
+    B, L, S, D, scale = 2, 5, 9, 8, 0.35  # L < S: queries continue a cached prefix
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.normal(size=s) for s in ((B, H, L, D), (B, Hk, S, D), (B, Hk, S, D)))
+    w = rng.normal(size=(B, H, L, D))
+    causal = np.tri(L, S, S - L, dtype=bool)
+    keep = additive = None
+    if kind == "causal":
+        mask, keep = "causal", causal
+    elif kind == "bool":  # per-row masks, e.g. left padding, as [B, 1, L, S]
+        keep = np.broadcast_to(causal, (B, 1, L, S)).copy()
+        keep[1, :, :, :2] = False
+        mask = mx.array(keep)
+    elif kind == "additive":
+        additive = np.where(causal, 0.0, -1e9) + rng.normal(size=(L, S))
+        mask = mx.array(additive.astype(np.float32))
+    else:
+        mask = None
+
+    def ref_loss(q, k, v):
+        return (_attention_f64(q, k, v, scale, keep, additive) * w).sum()
+
+    def numeric_grad(i, eps=1e-6):  # central differences in float64
+        args, g = [q, k, v], np.zeros_like([q, k, v][i])
+        for idx in np.ndindex(g.shape):
+            for sign in (1, -1):
+                a = [x.copy() for x in args]
+                a[i][idx] += sign * eps
+                g[idx] += sign * ref_loss(*a) / (2 * eps)
+        return g
+
+    mq, mk, mv = (mx.array(x.astype(np.float32)) for x in (q, k, v))
+    mw = mx.array(w.astype(np.float32))
+
+    def loss(attn):
+        return lambda q, k, v: (attn(q, k, v, None, scale=scale, mask=mask) * mw).sum()
+
+    ours = kernels.scaled_dot_product_attention(mq, mk, mv, None, scale=scale, mask=mask)
+    np.testing.assert_allclose(np.array(ours), _attention_f64(q, k, v, scale, keep, additive), atol=2e-6)
+    grads = mx.grad(loss(kernels.scaled_dot_product_attention), argnums=(0, 1, 2))(mq, mk, mv)
+    stock = mx.grad(loss(kernels.mlx_lm_attention()), argnums=(0, 1, 2))(mq, mk, mv)
+    for i, (g, s) in enumerate(zip(grads, stock)):
+        np.testing.assert_allclose(np.array(g), numeric_grad(i), atol=2e-5)
+        np.testing.assert_allclose(np.array(g), np.array(s), atol=2e-5)
+
+
+def test_attention_keeps_mlx_for_decode_steps_and_other_dtypes():
+    q = mx.random.normal((1, 4, 1, 8))
+    k = mx.random.normal((1, 2, 6, 8))
+    stock = kernels.mlx_lm_attention()(q, k, k, None, scale=0.3, mask=None)
+    assert mx.array_equal(kernels.scaled_dot_product_attention(q, k, k, None, scale=0.3, mask=None), stock)
+    q16, k16 = mx.random.normal((1, 4, 3, 8)).astype(mx.float16), k.astype(mx.float16)
+    got = kernels.scaled_dot_product_attention(q16, k16, k16, None, scale=0.3, mask="causal")
+    want = kernels.mlx_lm_attention()(q16, k16, k16, None, scale=0.3, mask="causal")
+    assert got.dtype == mx.float16 and mx.array_equal(got, want)

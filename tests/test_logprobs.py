@@ -86,8 +86,9 @@ def test_shared_prompt_equals_full_prompt_and_chunking_is_exact(model):
     chunked, _ = sequence_logprobs(model, prompts, ids, mask, G, TEMPERATURE, share_prompt=True, chunk_size=3)
     one, _ = sequence_logprobs(model, prompts, ids, mask, G, TEMPERATURE, chunk_size=1)
     assert max_diff(shared, full) <= 1e-5
-    assert max_diff(chunked, shared) <= 1e-6
-    assert max_diff(one, shared) <= 1e-6
+    # Chunks change only the head matmul's blocking: a few float32 ulps at |logp| ~ 10 (ulp ~1e-6).
+    assert max_diff(chunked, shared) <= 3e-6
+    assert max_diff(one, shared) <= 3e-6
 
 
 def grads_of(model, fn):
