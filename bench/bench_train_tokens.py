@@ -10,7 +10,8 @@ parameter (the gradient pass of a GRPO update):
   ours        mlx_rft.algo.logprobs.sequence_logprobs, the trainer's path (prompt run once per
               group, LM head only on completion tokens, chunked selective log-softmax)
   ours, no prompt sharing   the same with share_prompt=False (every row runs its whole prompt)
-  ours, mlx-lm SwiGLU       ours with mlx_rft.kernels uninstalled (what its SwiGLU path saves)
+  ours, mlx-lm SwiGLU       ours with mlx-lm's SwiGLU (what mlx_rft.kernels' SwiGLU saves)
+  ours, mlx-lm attention    ours with mlx-lm's attention (what mlx_rft.kernels' attention saves)
   torch       transformers' LlamaForCausalLM on the same weights (run with --torch under a Python
               that has torch + transformers; see BENCHMARKS.md)
 
@@ -18,12 +19,18 @@ Throughput is 16 x 104 row tokens per second of fwd+bwd (best of --repeats, afte
 prompt sharing counts as a speed-up over running each row's prompt: that is the work saved.
 
     python bench/bench_train_tokens.py
+    python bench/bench_train_tokens.py --allocator-ab   # glibc keeping freed memory, on vs off
     /path/to/torch-env/bin/python bench/bench_train_tokens.py --torch --model <default model folder>
+
+--allocator-ab runs "ours" in fresh processes with MLX_RFT_RETAIN_MEMORY unset and =0, alternating,
+--repeats times each (the setting is per process); it also prints each variant's peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 
@@ -63,7 +70,7 @@ def run_torch(model_dir: str, repeats: int, threads: int) -> None:
           f"{B * G * (PROMPT + COMPLETION) / sec:.1f} row tokens/s")
 
 
-def run_mlx(model_arg: str | None, repeats: int) -> None:
+def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None) -> None:
     import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
     import mlx.core as mx
     import mlx.nn as nn
@@ -95,20 +102,42 @@ def run_mlx(model_arg: str | None, repeats: int) -> None:
         "ours": nn.value_and_grad(model, lambda m: ours_loss(m, True)),
         "ours, no prompt sharing": nn.value_and_grad(model, lambda m: ours_loss(m, False)),
         "ours, mlx-lm SwiGLU": nn.value_and_grad(model, lambda m: ours_loss(m, True)),
+        "ours, mlx-lm attention": nn.value_and_grad(model, lambda m: ours_loss(m, True)),
     }
+    if only:
+        variants = {k: v for k, v in variants.items() if k in only}
+    # Which of mlx_rft.kernels' functions each variant runs (the rest are mlx-lm's own).
+    uses = {
+        "plain MLX": (), "ours, mlx-lm SwiGLU": ("scaled_dot_product_attention",),
+        "ours, mlx-lm attention": ("swiglu",),
+    }
+    all_kernels = ("swiglu", "scaled_dot_product_attention")
+
+    def configure(name):
+        kernels.uninstall()
+        kernels.install(model)
+        for attr in set(all_kernels) - set(uses.get(name, all_kernels)):
+            stock = {"swiglu": kernels.mlx_lm_swiglu(), "scaled_dot_product_attention": kernels.mlx_lm_attention()}[attr]
+            for module_name, module in list(sys.modules.items()):
+                if module_name.startswith("mlx_lm.models.") and hasattr(module, attr):
+                    setattr(module, attr, stock)
+
     # Interleaved rounds so every variant sees the same machine load.
     best = {k: float("inf") for k in variants}
-    stock = {"plain MLX", "ours, mlx-lm SwiGLU"}  # runs mlx-lm's own SwiGLU, not mlx_rft.kernels'
+    peak = {k: 0.0 for k in variants}
     for rnd in range(repeats + 1):  # round 0 is the warm-up
         for name, fn in variants.items():
-            kernels.uninstall() if name in stock else kernels.install(model)
+            configure(name)
+            held = mx.get_active_memory()
+            mx.reset_peak_memory()
             t = time.perf_counter()
             mx.eval(fn(model))
             if rnd:
                 best[name] = min(best[name], time.perf_counter() - t)
+                peak[name] = max(peak[name], (mx.get_peak_memory() - held) / 1e9)
     tokens = B * G * (PROMPT + COMPLETION)
     for name, sec in best.items():
-        print(f"{name}: {sec:.2f} s, {tokens / sec:.1f} row tokens/s")
+        print(f"{name}: {sec:.2f} s, {tokens / sec:.1f} row tokens/s, peak {peak[name]:.2f} GB above the weights")
 
 
 def main() -> int:
@@ -117,7 +146,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--torch", action="store_true", help="time torch + transformers instead")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--allocator-ab", action="store_true",
+                    help="time 'ours' with glibc keeping freed memory (default) against glibc's defaults")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # comma-separated variant names
     args = ap.parse_args()
+    if args.allocator_ab:
+        return allocator_ab(args)
     print(f"fwd+bwd, full fine-tuning, float32, {B * G} rows x {PROMPT + COMPLETION} tokens "
           f"({B} prompts x {G}, {PROMPT}-token prompts, {COMPLETION} completion tokens)")
     if args.torch:
@@ -125,7 +159,22 @@ def main() -> int:
             ap.error("--torch needs --model (the HF-format folder, e.g. the imported default model)")
         run_torch(args.model, args.repeats, args.threads)
     else:
-        run_mlx(args.model, args.repeats)
+        run_mlx(args.model, args.repeats, args.only.split(",") if args.only else None)
+    return 0
+
+
+def allocator_ab(args) -> int:
+    """'ours' in fresh processes, glibc keeping freed memory (default) vs its defaults, alternating."""
+    cmd = [sys.executable, __file__, "--repeats", "2", "--only", "ours"]
+    if args.model:
+        cmd += ["--model", args.model]
+    for i in range(args.repeats):
+        for label, value in (("retained", None), ("glibc defaults", "0")):
+            env = {k: v for k, v in os.environ.items() if k != "MLX_RFT_RETAIN_MEMORY"}
+            if value is not None:
+                env["MLX_RFT_RETAIN_MEMORY"] = value
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            print(f"round {i + 1}, {label}: {out.strip().splitlines()[-1]}", flush=True)
     return 0
 
 

@@ -112,7 +112,9 @@ class GRPOConfig:
     lr_schedule: str = _f("constant", "constant | cosine | linear (decay after warmup)")
     warmup_steps: int = _f(0, "linear warmup steps")
     max_grad_norm: float = _f(1.0, "clip gradients to this global norm (0 = off)")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (must divide B x G)")
+    gradient_accumulation_steps: int = _f(
+        1, "micro-batches per optimizer step (must divide B x G); the same update with less activation memory"
+    )
     seed: int = _f(0, "random seed for data order, sampling and initialisation")
 
     # --- evaluation ---
