@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -125,19 +126,23 @@ def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None) 
     # Interleaved rounds so every variant sees the same machine load.
     best = {k: float("inf") for k in variants}
     peak = {k: 0.0 for k in variants}
+    faults = {k: float("inf") for k in variants}  # minor page faults of the pass (Linux, macOS)
     for rnd in range(repeats + 1):  # round 0 is the warm-up
         for name, fn in variants.items():
             configure(name)
             held = mx.get_active_memory()
             mx.reset_peak_memory()
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t = time.perf_counter()
             mx.eval(fn(model))
             if rnd:
+                faults[name] = min(faults[name], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
                 best[name] = min(best[name], time.perf_counter() - t)
                 peak[name] = max(peak[name], (mx.get_peak_memory() - held) / 1e9)
     tokens = B * G * (PROMPT + COMPLETION)
     for name, sec in best.items():
-        print(f"{name}: {sec:.2f} s, {tokens / sec:.1f} row tokens/s, peak {peak[name]:.2f} GB above the weights")
+        print(f"{name}: {sec:.2f} s, {tokens / sec:.1f} row tokens/s, peak {peak[name]:.2f} GB above the "
+              f"weights, {faults[name]:.0f} page faults")
 
 
 def main() -> int:
