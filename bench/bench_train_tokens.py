@@ -12,6 +12,8 @@ parameter (the gradient pass of a GRPO update):
   ours, no prompt sharing   the same with share_prompt=False (every row runs its whole prompt)
   ours, mlx-lm SwiGLU       ours with mlx-lm's SwiGLU (what mlx_rft.kernels' SwiGLU saves)
   ours, mlx-lm attention    ours with mlx-lm's attention (what mlx_rft.kernels' attention saves)
+  ours, one length bucket   (--ragged only) ours with every completion padded to the longest; with
+                            --ragged one row has 64 completion tokens and 15 have 19
   torch       transformers' LlamaForCausalLM on the same weights (run with --torch under a Python
               that has torch + transformers; see BENCHMARKS.md)
 
@@ -20,6 +22,7 @@ prompt sharing counts as a speed-up over running each row's prompt: that is the 
 
     python bench/bench_train_tokens.py
     python bench/bench_train_tokens.py --allocator-ab   # glibc keeping freed memory, on vs off
+    python bench/bench_train_tokens.py --ragged         # length buckets on a ragged batch
     /path/to/torch-env/bin/python bench/bench_train_tokens.py --torch --model <default model folder>
 
 --allocator-ab runs "ours" in fresh processes with MLX_RFT_RETAIN_MEMORY unset and =0, alternating,
@@ -71,13 +74,14 @@ def run_torch(model_dir: str, repeats: int, threads: int) -> None:
           f"{B * G * (PROMPT + COMPLETION) / sec:.1f} row tokens/s")
 
 
-def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None) -> None:
+def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None, ragged: bool = False) -> None:
     import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
 
     from mlx_rft import kernels
+    from mlx_rft.algo import logprobs
     from mlx_rft.algo.logprobs import sequence_logprobs
     from mlx_rft.models import load_model
 
@@ -86,6 +90,10 @@ def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None) 
     prompts = [rng.integers(100, 40000, size=PROMPT).tolist() for _ in range(B)]
     completions = mx.array(rng.integers(100, 40000, size=(B * G, COMPLETION)), dtype=mx.int32)
     mask = mx.ones((B * G, COMPLETION))
+    if ragged:  # one row runs to the limit, the others stop after 19 tokens (a typical GRPO batch)
+        lengths = np.full(B * G, 19)
+        lengths[5] = COMPLETION
+        mask = mx.array((np.arange(COMPLETION)[None] < lengths[:, None]).astype(np.float32))
     w = mx.array(rng.normal(size=(B * G, COMPLETION)).astype(np.float32))
     rows = mx.concatenate([mx.repeat(mx.array(prompts), G, axis=0), completions], axis=1)
 
@@ -104,9 +112,13 @@ def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None) 
         "ours, no prompt sharing": nn.value_and_grad(model, lambda m: ours_loss(m, False)),
         "ours, mlx-lm SwiGLU": nn.value_and_grad(model, lambda m: ours_loss(m, True)),
         "ours, mlx-lm attention": nn.value_and_grad(model, lambda m: ours_loss(m, True)),
+        "ours, one length bucket": nn.value_and_grad(model, lambda m: ours_loss(m, True)),
     }
+    if ragged:
+        only = ["ours", "ours, one length bucket"]
     if only:
         variants = {k: v for k, v in variants.items() if k in only}
+    default_buckets = logprobs.MAX_BUCKETS
     # Which of mlx_rft.kernels' functions each variant runs (the rest are mlx-lm's own).
     uses = {
         "plain MLX": (), "ours, mlx-lm SwiGLU": ("scaled_dot_product_attention",),
@@ -115,6 +127,7 @@ def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None) 
     all_kernels = ("swiglu", "scaled_dot_product_attention")
 
     def configure(name):
+        logprobs.MAX_BUCKETS = 1 if name == "ours, one length bucket" else default_buckets
         kernels.uninstall()
         kernels.install(model)
         for attr in set(all_kernels) - set(uses.get(name, all_kernels)):
@@ -139,7 +152,7 @@ def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None) 
                 faults[name] = min(faults[name], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
                 best[name] = min(best[name], time.perf_counter() - t)
                 peak[name] = max(peak[name], (mx.get_peak_memory() - held) / 1e9)
-    tokens = B * G * (PROMPT + COMPLETION)
+    tokens = B * G * PROMPT + int(mask.sum().item())  # row tokens: every row's prompt + its completion
     for name, sec in best.items():
         print(f"{name}: {sec:.2f} s, {tokens / sec:.1f} row tokens/s, peak {peak[name]:.2f} GB above the "
               f"weights, {faults[name]:.0f} page faults")
@@ -153,18 +166,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--allocator-ab", action="store_true",
                     help="time 'ours' with glibc keeping freed memory (default) against glibc's defaults")
+    ap.add_argument("--ragged", action="store_true",
+                    help="one completion of 64 tokens, 15 of 19: 'ours' with and without length buckets")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # comma-separated variant names
     args = ap.parse_args()
     if args.allocator_ab:
         return allocator_ab(args)
     print(f"fwd+bwd, full fine-tuning, float32, {B * G} rows x {PROMPT + COMPLETION} tokens "
-          f"({B} prompts x {G}, {PROMPT}-token prompts, {COMPLETION} completion tokens)")
+          f"({B} prompts x {G}, {PROMPT}-token prompts, "
+          + ("1 completion of 64 tokens, 15 of 19)" if args.ragged else f"{COMPLETION} completion tokens)"))
     if args.torch:
         if not args.model:
             ap.error("--torch needs --model (the HF-format folder, e.g. the imported default model)")
         run_torch(args.model, args.repeats, args.threads)
     else:
-        run_mlx(args.model, args.repeats, args.only.split(",") if args.only else None)
+        run_mlx(args.model, args.repeats, args.only.split(",") if args.only else None, args.ragged)
     return 0
 
 

@@ -253,3 +253,52 @@ def test_chunking_keeps_the_head_under_the_memory_limit(tiny_model_factory):
     assert peaks[0][0] >= 16  # the unchunked head holds a whole [K, V] block
     assert peaks[16][0] < 0.6 * peaks[0][0]
     assert peaks[16][1] < 0.6 * peaks[0][1]
+
+
+def test_length_buckets_is_the_least_wasteful_split():
+    from itertools import combinations
+
+    from mlx_rft.algo.logprobs import length_buckets
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = rng.integers(0, 20, size=int(rng.integers(1, 9)))
+        cost, k = int(rng.integers(0, 12)), int(rng.integers(1, 4))
+        groups = length_buckets(lengths, cost=cost, max_buckets=k)
+        rows = sorted(np.concatenate(groups).tolist()) if groups else []
+        assert rows == np.flatnonzero(lengths > 0).tolist()  # every non-empty row exactly once
+        assert len(groups) <= k
+        got = sum(len(g) * lengths[g].max() + cost for g in groups)
+        # Brute force over the cut points of the sorted non-empty lengths.
+        srt = np.sort(lengths[lengths > 0])
+        best = 0 if srt.size == 0 else min(
+            sum((b - a) * srt[b - 1] + cost for a, b in zip((0, *cuts), (*cuts, srt.size)))
+            for m in range(min(k, srt.size)) for cuts in combinations(range(1, srt.size), m)
+        )
+        assert got == best
+
+
+def test_length_buckets_split_a_long_row_from_short_ones():
+    from mlx_rft.algo.logprobs import length_buckets
+
+    groups = length_buckets([20, 20, 64, 19, 0, 21], cost=64)
+    assert [g.tolist() for g in groups] == [[0, 1, 3, 5], [2]]  # 4 x 21 + 64 + 64 + 64 < 5 x 64 + 64
+    assert [g.tolist() for g in length_buckets([10, 12, 11], cost=64)] == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("cost", [0, 3])
+def test_length_bucketed_values_and_gradients_match_the_reference(model, monkeypatch, cost):
+    """Several length buckets (cost 0 splits as far as MAX_BUCKETS allows) change nothing."""
+    import mlx_rft.algo.logprobs as lp_module
+
+    monkeypatch.setattr(lp_module, "BUCKET_COST_TOKENS", cost)
+    prompts, ids, mask = batch(5)
+    needed = np.asarray(mask).sum(axis=1)
+    assert len(lp_module.length_buckets(needed)) > 1
+    w = mx.array(np.random.default_rng(5).normal(size=ids.shape).astype(np.float32))
+    ref_lp, ref_ent = sequence_logprobs_reference(model, prompts, ids, mask, G, TEMPERATURE)
+    lp, ent = sequence_logprobs(model, prompts, ids, mask, G, TEMPERATURE, with_entropy=True, chunk_size=4)
+    assert max_diff(lp, ref_lp) <= 1e-5 and max_diff(ent, ref_ent) <= 1e-5
+    expected = grads_of(model, lambda m: (sequence_logprobs_reference(m, prompts, ids, mask, G, TEMPERATURE)[0] * w).sum())
+    got = grads_of(model, lambda m: (sequence_logprobs(m, prompts, ids, mask, G, TEMPERATURE)[0] * w).sum())
+    assert_same_grads(got, expected)

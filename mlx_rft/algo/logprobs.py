@@ -25,9 +25,14 @@ and an attention mask that hides the padding, so a batched row matches the same 
 alone.
 
 Prompt sharing. The G completions of a prompt share it, so with `share_prompt=True` each
-distinct prompt runs once (batch B) and its KV cache is repeated G times along the batch before
-the completions run. This is exact also under differentiation: the gradient of `mx.repeat` is
-the sum over the copies, which is what the full forward accumulates in the prompt's activations.
+distinct prompt runs once (batch B) and its KV cache is gathered for each completion row before
+the completions run. This is exact also under differentiation: the gradient of a gather is the
+sum over the copies, which is what the full forward accumulates in the prompt's activations.
+
+Length buckets. Completions in one batch often differ a lot in length (one row runs to the token
+limit, the rest stop early). With prompt sharing the completion rows run in up to MAX_BUCKETS
+passes, each padded only to its own longest row (`length_buckets` picks the split that wastes
+least), so padding costs little compute.
 """
 
 from __future__ import annotations
@@ -76,15 +81,57 @@ class _PaddedKVCache(BatchKVCache):
         self._idx += keys.shape[2]
         return self.keys, self.values
 
-    def repeat(self, g: int) -> "_PaddedKVCache":
-        """A cache whose row b*g + j (j < g) is a copy of row b (rows of one prompt stay contiguous)."""
+    def take(self, rows: mx.array) -> "_PaddedKVCache":
+        """A cache whose row i is a copy of row `rows[i]` (a gather, so gradients flow back)."""
         out = _PaddedKVCache([0])
-        out.keys = mx.repeat(self.keys, g, axis=0)
-        out.values = mx.repeat(self.values, g, axis=0)
-        out.left_padding = mx.repeat(self.left_padding, g, axis=0)
-        out.offset = mx.repeat(self.offset, g, axis=0)
+        out.keys, out.values = self.keys[rows], self.values[rows]
+        out.left_padding, out.offset = self.left_padding[rows], self.offset[rows]
         out._idx = self._idx
         return out
+
+
+# A body pass has a fixed cost (30 layers of small ops, skinnier GEMMs) worth roughly this many
+# row tokens of work on the default model; length buckets are split only when they save more.
+BUCKET_COST_TOKENS = 64
+MAX_BUCKETS = 4
+
+
+def length_buckets(
+    lengths: Sequence[int], cost: int | None = None, max_buckets: int | None = None
+) -> list[np.ndarray]:
+    """Rows grouped so that padding each group to its longest row wastes the least work.
+
+    Minimises sum(rows x longest) + `cost` per group (default BUCKET_COST_TOKENS) over contiguous
+    runs of the rows sorted by length: an exact dynamic programme with at most `max_buckets`
+    groups (default MAX_BUCKETS). Rows of length 0 are dropped; each group's rows are ascending.
+    """
+    cost = BUCKET_COST_TOKENS if cost is None else cost
+    max_buckets = MAX_BUCKETS if max_buckets is None else max_buckets
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    order = order[lengths[order] > 0]
+    n = order.size
+    if n == 0:
+        return []
+    srt = lengths[order]
+    inf = np.iinfo(np.int64).max // 4
+    # best[k][j]: least cost of the first j sorted rows in k groups; the last group ends at j - 1.
+    best = np.full((max_buckets + 1, n + 1), inf, dtype=np.int64)
+    back = np.zeros((max_buckets + 1, n + 1), dtype=np.int64)
+    best[0][0] = 0
+    for k in range(1, max_buckets + 1):
+        for j in range(1, n + 1):
+            i = np.arange(j)  # the group holds sorted rows i..j-1, padded to srt[j - 1]
+            c = best[k - 1][i] + (j - i) * srt[j - 1] + cost
+            m = int(np.argmin(c))
+            best[k][j], back[k][j] = c[m], m
+    k = int(np.argmin(best[:, n]))
+    groups, j = [], n
+    while k > 0:
+        i = int(back[k][j])
+        groups.append(np.sort(order[i:j]))
+        j, k = i, k - 1
+    return groups[::-1]
 
 
 def _split_model(model: nn.Module) -> tuple[Callable, nn.Module | None, Callable | None]:
@@ -374,23 +421,33 @@ def sequence_logprobs(
     width = prompts.shape[1]
     if share_prompt:
         cache = _make_caches(model, pads)
-        h_prompt = body(prompts, cache=cache)[:, -1:]  # [B, 1, H]: predicts completion token 0
-        h_prompt = mx.repeat(h_prompt, group_size, axis=0)
-        if t > 1:
-            cache = [c.repeat(group_size) for c in cache]
-            h_rest = body(ids[:, :-1], cache=cache)  # [N, T-1, H]: predict tokens 1..T-1
-            hidden = mx.concatenate([h_prompt, h_rest], axis=1)
-        else:
-            hidden = h_prompt
+        h_prompt = body(prompts, cache=cache)[:, -1]  # [B, H]: predicts completion token 0
+        # Completions run in length buckets: each bucket is padded only to its own longest row
+        # (the last masked-in position), so one long row does not make every row pay for its
+        # length. Each bucket attends to its prompts' cached keys and values, selected by gather.
+        needed = np.where(valid.any(axis=1), t - np.argmax(valid[:, ::-1], axis=1), 0)
+        parts, order = [], []
+        for rows_b in length_buckets(needed):
+            length = int(needed[rows_b].max())
+            prompt_rows = mx.array(rows_b // group_size)
+            h_b = h_prompt[prompt_rows][:, None]  # [nb, 1, H]
+            if length > 1:
+                cache_b = [c.take(prompt_rows) for c in cache]
+                h_rest = body(ids[mx.array(rows_b), : length - 1], cache=cache_b)  # tokens 1..length-1
+                h_b = mx.concatenate([h_b, h_rest], axis=1)
+            local_r, local_p = np.nonzero(valid[rows_b, :length])
+            parts.append(h_b.reshape(-1, h_b.shape[-1])[mx.array(local_r * length + local_p)])
+            order.append(rows_b[local_r] * t + local_p)
+        # Back to the row-major order of `flat_idx`.
+        h_valid = mx.concatenate(parts)[mx.array(np.argsort(np.concatenate(order), kind="stable"))]
     else:
         rows = mx.concatenate([mx.repeat(prompts, group_size, axis=0), ids[:, :-1]], axis=1)
         cache = _make_caches(model, [p for p in pads for _ in range(group_size)])
         hidden = body(rows, cache=cache)[:, width - 1 :]  # [N, T, H]
+        h_valid = hidden.reshape(n * t, -1)[mx.array(flat_idx)]
 
     # Only masked-in positions go through the head; the rest of [N, T] is filled with zeros.
-    gather = mx.array(flat_idx)
-    h_valid = hidden.reshape(n * t, -1)[gather]
-    targets = ids.reshape(-1)[gather]
+    targets = ids.reshape(-1)[mx.array(flat_idx)]
     if head is None:
         # Unknown architecture: `hidden` already holds the full logits.
         logp_v, ent_v = _token_stats(h_valid, targets, temperature, with_entropy)
