@@ -383,8 +383,9 @@ def sequence_logprobs(
         temperature: the sampling temperature; log-probs are of softmax(logits / temperature).
         with_entropy: also return the entropy of softmax(logits / temperature) at each position
             (no gradient).
-        share_prompt: run each distinct prompt once and repeat its KV cache for its G completions
-            (exact, also for gradients); False runs every row's full prompt+completion sequence.
+        share_prompt: run each distinct prompt once and give its KV cache to its G completions,
+            which run in length buckets (exact, also for gradients); False runs every row's full
+            prompt+completion sequence, padded to the longest.
         chunk_size: completion tokens per LM-head chunk; None picks it from a 256 MiB budget for one
             float32 [chunk, V] block; 0 disables chunking.
 
