@@ -130,11 +130,7 @@ def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None, 
         logprobs.MAX_BUCKETS = 1 if name == "ours, one length bucket" else default_buckets
         kernels.uninstall()
         kernels.install(model)
-        for attr in set(all_kernels) - set(uses.get(name, all_kernels)):
-            stock = {"swiglu": kernels.mlx_lm_swiglu(), "scaled_dot_product_attention": kernels.mlx_lm_attention()}[attr]
-            for module_name, module in list(sys.modules.items()):
-                if module_name.startswith("mlx_lm.models.") and hasattr(module, attr):
-                    setattr(module, attr, stock)
+        kernels.uninstall(set(all_kernels) - set(uses.get(name, all_kernels)))
 
     # Interleaved rounds so every variant sees the same machine load.
     best = {k: float("inf") for k in variants}

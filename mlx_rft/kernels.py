@@ -352,6 +352,21 @@ def _patches() -> dict:
     }
 
 
+def _swap(modules, names, restore: bool) -> list[str]:
+    """Point each mlx-lm model module's global in `names` from mlx-lm's function to ours (or back
+    when `restore`), where it still holds the one being replaced; returns "module.name" for each."""
+    swapped = []
+    for module_name, module in modules:
+        if not module_name.startswith("mlx_lm.models."):
+            continue
+        for attr, (stock, ours) in _patches().items():
+            old, new = (ours, stock) if restore else (stock, ours)
+            if attr in names and getattr(module, attr, None) is old:
+                setattr(module, attr, new)
+                swapped.append(f"{module_name}.{attr}")
+    return swapped
+
+
 def install(model) -> list[str]:
     """Point the mlx-lm modules that define `model`'s layers at `swiglu` and
     `scaled_dot_product_attention`; returns what it patched.
@@ -363,26 +378,10 @@ def install(model) -> list[str]:
     if not enabled():
         return []
     names = {type(m).__module__ for m in model.modules()} | {type(model).__module__}
-    patched = []
-    for name in sorted(names):
-        module = sys.modules.get(name)
-        if not name.startswith("mlx_lm.models."):
-            continue
-        for attr, (stock, ours) in _patches().items():
-            if getattr(module, attr, None) is stock:
-                setattr(module, attr, ours)
-                patched.append(f"{name}.{attr}")
-    return patched
+    return _swap([(n, sys.modules.get(n)) for n in sorted(names)], _patches(), restore=False)
 
 
-def uninstall() -> list[str]:
-    """Undo `install` everywhere (benchmarks use it to time mlx-lm's own functions)."""
-    restored = []
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("mlx_lm.models."):
-            continue
-        for attr, (stock, ours) in _patches().items():
-            if getattr(module, attr, None) is ours:
-                setattr(module, attr, stock)
-                restored.append(f"{name}.{attr}")
-    return restored
+def uninstall(names=None) -> list[str]:
+    """Undo `install` everywhere, for the given global names (default: all); benchmarks use it to
+    time mlx-lm's own functions."""
+    return _swap(list(sys.modules.items()), _patches() if names is None else names, restore=True)
