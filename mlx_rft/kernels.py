@@ -8,10 +8,9 @@ tests/test_kernels.py:
   and training passes (a [1664, 1536] block: ~8 against ~45 ms), the attention softmax of those
   passes (0.6 s of a 6.7 s training pass of the default model, and 0.3 GB of its peak memory),
   and the log-softmax over the vocabulary in `algo/logprobs.py` (logsumexp forward, softmax in its
-  backward). Going through the
-  host syncs, so these are custom functions whose VJPs need no further sync: a sync inside the
-  backward pass would evaluate it piecewise, and under `grad` every evaluated array keeps its
-  inputs alive (the memory of the whole backward at once).
+  backward). Going through the host syncs, so these are custom functions whose VJPs need no
+  further sync: a sync inside the backward pass would evaluate it piecewise, and under `grad`
+  every evaluated array keeps its inputs alive (the memory of the whole backward at once).
 * `exp_nonpositive`, a polynomial exp of adds and multiplies that MLX's compiler fuses, for small
   blocks where a sync would stall the pipelined decode loop: the decode-step SwiGLU (16 x 1536:
   0.17 against 0.46 ms per layer) and the sampler's per-step exponentials (~3 ns per element on
@@ -156,7 +155,7 @@ def _host_attention_probs(scores: np.ndarray, scale: float, mask, L: int, r: int
         keep = np.tri(L, S, S - L, dtype=bool)
         np.putmask(t, ~np.broadcast_to(np.tile(keep, (r, 1)), t.shape), low)
     elif mask is not None:
-        B, Hk = t.shape[:2]
+        Hk = t.shape[1]
         m = np.broadcast_to(mask, (mask.shape[0] if mask.ndim == 4 else 1, Hk * r, L, S))
         m = m.reshape(m.shape[0], Hk, r * L, S)
         if m.dtype == np.bool_:
