@@ -87,7 +87,8 @@ def main() -> None:
     later = times[1:] if len(times) > 1 else times
     summary = {
         "model": "qwen3-0.6b-shaped (random)" if args.qwen else "SmolLM2-135M-Instruct",
-        "finetune_type": cfg.finetune_type, "accumulation": cfg.gradient_accumulation_steps, "params": params, "trainable": trainable,
+        "finetune_type": cfg.finetune_type, "accumulation": cfg.gradient_accumulation_steps,
+        "params": params, "trainable": trainable,
         "gemm_gflops": round(gemm, 1), "steps": len(steps),
         "step_s_median": round(statistics.median(times), 2),
         "step2_s": round(later[0], 2),
