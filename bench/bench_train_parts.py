@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
@@ -32,16 +31,7 @@ from mlx_rft.tasks import load_task
 from mlx_rft.train.optim import CompiledApply, build_optimizer
 from mlx_rft.train.policy import adapters_fused, setup_trainable
 from mlx_rft.types import SamplingConfig
-
-
-def best_of(fn, n: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from timing import best_of
 
 
 def optimizer_update() -> None:

@@ -38,17 +38,9 @@ import subprocess
 import sys
 import time
 
+from timing import best_of
+
 B, G, PROMPT, COMPLETION = 4, 4, 40, 64
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def run_torch(model_dir: str, repeats: int, threads: int) -> None:
