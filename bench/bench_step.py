@@ -7,6 +7,7 @@ every group's rewards varied), temperature 1.0, full fine-tuning, float32.
     python bench/bench_step.py                       # 20 steps of the default model
     python bench/bench_step.py --finetune-type lora
     python bench/bench_step.py --accumulation 2      # two micro-batches per update: less memory
+    python bench/bench_step.py --gradient-checkpointing  # recompute blocks: much less memory
     python bench/bench_step.py --qwen3-0.6b --steps 1  # random Qwen3-0.6B-shaped model, peak memory
 
 The compute floor is the FLOPs of the step (generation 2*P per token, the gradient pass 6*P per
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--accumulation", type=int, default=1,
                     help="gradient_accumulation_steps: micro-batches per update (less memory)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute blocks in the backward pass (less memory)")
     ap.add_argument("--qwen3-0.6b", dest="qwen", action="store_true", help="random Qwen3-0.6B-shaped model")
     ap.add_argument("--json", default=None, help="write the summary here")
     args = ap.parse_args()
@@ -66,7 +69,7 @@ def main() -> None:
         model=model, finetune_type=args.finetune_type, num_steps=args.steps, prompts_per_step=4,
         group_size=4, max_new_tokens=args.max_new_tokens, temperature=1.0, learning_rate=1e-6,
         output_dir=str(tmp / "run"), save_every=10**6, eval_size=1, sample_every=0, log_every=1,
-        gradient_accumulation_steps=args.accumulation,
+        gradient_accumulation_steps=args.accumulation, gradient_checkpointing=args.gradient_checkpointing,
     )
     trainer = GRPOTrainer(cfg, reward_funcs=[long_answer], train_dataset=rows)
     trainer.evaluate = lambda step: {}  # benchmark the steps only
@@ -88,6 +91,7 @@ def main() -> None:
     summary = {
         "model": "qwen3-0.6b-shaped (random)" if args.qwen else "SmolLM2-135M-Instruct",
         "finetune_type": cfg.finetune_type, "accumulation": cfg.gradient_accumulation_steps,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
         "params": params, "trainable": trainable,
         "gemm_gflops": round(gemm, 1), "steps": len(steps),
         "step_s_median": round(statistics.median(times), 2),

@@ -115,6 +115,10 @@ class GRPOConfig:
     gradient_accumulation_steps: int = _f(
         1, "micro-batches per optimizer step (must divide B x G); the same update with less activation memory"
     )
+    gradient_checkpointing: bool = _f(
+        False, "recompute each transformer block in the backward pass instead of keeping its "
+        "activations: far less memory for one more forward pass (on the CPU also slower exps)"
+    )
     seed: int = _f(0, "random seed for data order, sampling and initialisation")
 
     # --- evaluation ---
@@ -176,6 +180,12 @@ class GRPOConfig:
             f"gradient_accumulation_steps={self.gradient_accumulation_steps} must divide the "
             f"{rows} completions of a step (prompts_per_step {self.prompts_per_step} x group_size "
             f"{self.group_size}); pick a divisor of {rows}",
+        )
+        need(
+            not (self.gradient_checkpointing and self.lora_dropout > 0),
+            f"gradient_checkpointing with lora_dropout={self.lora_dropout}: the backward pass "
+            "recomputes each block and would draw different dropout masks; set lora_dropout 0 or "
+            "turn gradient_checkpointing off",
         )
         need(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
         need(self.temperature > 0, f"temperature={self.temperature}: training needs sampling; use > 0")

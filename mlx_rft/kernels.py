@@ -19,13 +19,16 @@ tests/test_kernels.py:
 `install(model)` points the `swiglu` and `scaled_dot_product_attention` names that mlx-lm's model
 files call at the functions below (process-wide, for the modules that define `model`'s layers);
 `load_model` and the rollout engine call it. CPU only: on GPUs every function here falls through
-to MLX. MLX_RFT_FAST_KERNELS=0 keeps mlx-lm's functions.
+to MLX, and inside `graph_only()` (gradient checkpointing) nothing syncs: SwiGLU, attention and
+the log-softmax use MLX's own ops. MLX_RFT_FAST_KERNELS=0 keeps
+mlx-lm's functions.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from functools import partial
 
 import mlx.core as mx
@@ -65,6 +68,30 @@ def _exp_poly(x: mx.array) -> mx.array:
 
 def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
+
+
+_graph_only = 0  # depth of nested `graph_only()` blocks
+
+
+@contextmanager
+def graph_only():
+    """Within this block the functions here build MLX graphs only: no NumPy path, no host sync.
+
+    Gradient checkpointing needs it. Inside `grad`, an array evaluated during the forward pass
+    keeps its inputs alive, so a single sync pins every activation computed before it and the
+    checkpointed layers would free nothing (their recomputation would sync piecewise as well).
+    """
+    global _graph_only
+    _graph_only += 1
+    try:
+        yield
+    finally:
+        _graph_only -= 1
+
+
+def host_paths() -> bool:
+    """Whether the NumPy paths may run: on the CPU, outside `graph_only()`."""
+    return on_cpu() and not _graph_only
 
 
 def exp_nonpositive(x: mx.array) -> mx.array:
@@ -137,7 +164,11 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """silu(gate) * x, as mlx-lm's `activations.swiglu`."""
     if not (on_cpu() and gate.dtype == x.dtype == mx.float32 and gate.shape == x.shape):
         return mlx_lm_swiglu()(gate, x)
-    return _swiglu(gate, x) if gate.size <= SMALL_INPUT else _swiglu_host(gate, x)[0]
+    if gate.size <= SMALL_INPUT:
+        return _swiglu(gate, x)
+    if not host_paths():  # the polynomial's pieces would hold several arrays of this size
+        return mlx_lm_swiglu()(gate, x)
+    return _swiglu_host(gate, x)[0]
 
 
 # ---------------------------------------------------------------- attention over several queries
@@ -208,10 +239,10 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
     the queries, the scores, the masked scores, a softmax with the scalar exp, and their VJPs. Here
     the scores come from one matmul, the softmax (mask included) runs in NumPy, and the custom VJP
     keeps only q, k, v and the probabilities. Decode steps, attention sinks, quantized caches,
-    non-float32 inputs and other devices use mlx-lm's function.
+    non-float32 inputs, other devices and `graph_only()` blocks use mlx-lm's function.
     """
     if (
-        sinks is not None or hasattr(cache, "bits") or not on_cpu() or queries.dtype != mx.float32
+        sinks is not None or hasattr(cache, "bits") or not host_paths() or queries.dtype != mx.float32
         or keys.dtype != mx.float32 or queries.shape[2] < MIN_HOST_QUERIES
         or queries.shape[1] % keys.shape[1]
     ):
@@ -224,8 +255,9 @@ def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mas
 
 
 def host_ok(z: mx.array) -> bool:
-    """Whether the NumPy path below applies: [K, V] float32/float64 logits on the CPU."""
-    return on_cpu() and z.dtype in (mx.float32, mx.float64) and z.ndim == 2
+    """Whether the NumPy path below applies: [K, V] float32/float64 logits on the CPU, outside
+    `graph_only()`."""
+    return host_paths() and z.dtype in (mx.float32, mx.float64) and z.ndim == 2
 
 
 def _host_shifted_exp(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

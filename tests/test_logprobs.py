@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_rft.algo.logprobs import sequence_logprobs, sequence_logprobs_reference
 from mlx_rft.errors import MlxRftError
@@ -302,3 +302,90 @@ def test_length_bucketed_values_and_gradients_match_the_reference(model, monkeyp
     expected = grads_of(model, lambda m: (sequence_logprobs_reference(m, prompts, ids, mask, G, TEMPERATURE)[0] * w).sum())
     got = grads_of(model, lambda m: (sequence_logprobs(m, prompts, ids, mask, G, TEMPERATURE)[0] * w).sum())
     assert_same_grads(got, expected)
+
+
+def test_checkpointed_gradients_match_the_reference(model):
+    """Checkpointed blocks recompute the same forward: values and gradients are unchanged, over
+    prompt sharing, length buckets, chunked heads and the unshared path. The patched block
+    classes are restored afterwards."""
+    from mlx_rft.algo.logprobs import checkpointed_layers
+
+    prompts, ids, mask = batch(6)
+    w = mx.array(np.random.default_rng(6).normal(size=ids.shape).astype(np.float32))
+    expected = grads_of(model, lambda m: (sequence_logprobs_reference(m, prompts, ids, mask, G, TEMPERATURE)[0] * w).sum())
+    ref_lp, _ = sequence_logprobs_reference(model, prompts, ids, mask, G, TEMPERATURE)
+    block_call = type(model.layers[0]).__call__
+    for kw in (dict(chunk_size=4), dict(share_prompt=False, chunk_size=0)):
+        def loss(m, kw=kw):
+            with checkpointed_layers(m):
+                lp, _ = sequence_logprobs(m, prompts, ids, mask, G, TEMPERATURE, **kw)
+            return (lp * w).sum(), lp
+
+        (_, lp), got = nn.value_and_grad(model, loss)(model)
+        assert max_diff(lp, ref_lp) <= 1e-5
+        assert_same_grads(dict(tree_flatten(got)), expected)
+    assert type(model.layers[0]).__call__ is block_call
+
+
+def test_checkpointed_lora_gradients(tiny_model_factory):
+    """Under LoRA only the adapters are block inputs; their gradients match the plain pass."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlx_rft.algo.logprobs import checkpointed_layers
+
+    model, _ = load_model(tiny_model_factory("qwen3"), dtype="float32")
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    rng = np.random.default_rng(7)
+    # LoRA's B starts at zero; make it non-zero so the A gradients are not trivially zero.
+    model.update(tree_unflatten([
+        (k, mx.array(rng.normal(0, 0.05, size=v.shape).astype(np.float32)) if k.endswith("lora_b") else v)
+        for k, v in tree_flatten(model.trainable_parameters())
+    ]))
+    prompts, ids, mask = batch(7)
+    w = mx.array(rng.normal(size=ids.shape).astype(np.float32))
+    expected = grads_of(model, lambda m: (sequence_logprobs(m, prompts, ids, mask, G, TEMPERATURE)[0] * w).sum())
+
+    def loss(m):
+        with checkpointed_layers(m):
+            return (sequence_logprobs(m, prompts, ids, mask, G, TEMPERATURE)[0] * w).sum()
+
+    got = grads_of(model, loss)
+    assert {k.split(".")[-1] for k in got} == {"lora_a", "lora_b"}
+    assert_same_grads(got, expected)
+
+
+def test_checkpointing_lowers_the_gradient_pass_peak(tiny_model_factory):
+    """Activation memory: a 6-block model over 4 x 128 tokens peaks well below the plain pass."""
+    from mlx_rft.algo.logprobs import checkpointed_layers
+
+    model, _ = load_model(
+        tiny_model_factory("qwen3", num_hidden_layers=6, hidden_size=128, intermediate_size=512),
+        dtype="float32",
+    )
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, 384, size=16).tolist() for _ in range(2)]
+    ids = mx.array(rng.integers(3, 384, size=(4, 128)), dtype=mx.int32)
+    mask = mx.ones((4, 128))
+    w = mx.array(rng.normal(size=(4, 128)).astype(np.float32))
+    mx.eval(ids, mask, w)
+
+    def peak_mib(checkpoint: bool) -> float:
+        def loss(m):
+            if not checkpoint:
+                return (sequence_logprobs(m, prompts, ids, mask, 2)[0] * w).sum()
+            with checkpointed_layers(m):
+                return (sequence_logprobs(m, prompts, ids, mask, 2)[0] * w).sum()
+
+        grad = nn.value_and_grad(model, loss)
+        mx.eval(grad(model))  # warm-up
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        mx.eval(grad(model))
+        return (mx.get_peak_memory() - base) / 2**20
+
+    plain, checkpointed = peak_mib(False), peak_mib(True)
+    # Measured: 76.7 against 29.2 MiB. A sync anywhere in the forward pass or the LM head's VJP
+    # would pin every block's intermediates and bring the checkpointed peak back above the plain one.
+    assert checkpointed < 0.5 * plain, (plain, checkpointed)

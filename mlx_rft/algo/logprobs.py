@@ -33,11 +33,17 @@ Length buckets. Completions in one batch often differ a lot in length (one row r
 limit, the rest stop early). With prompt sharing the completion rows run in up to MAX_BUCKETS
 passes, each padded only to its own longest row (`length_buckets` picks the split that wastes
 least), so padding costs little compute.
+
+Gradient checkpointing. Under `checkpointed_layers(model)` each transformer block keeps only its
+inputs and is recomputed in the backward pass; nothing in the pass syncs with the host then
+(see `kernels.graph_only`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -88,6 +94,81 @@ class _PaddedKVCache(BatchKVCache):
         out.left_padding, out.offset = self.left_padding[rows], self.offset[rows]
         out._idx = self._idx
         return out
+
+    def with_entries(self, keys: mx.array | None, values: mx.array | None) -> "_PaddedKVCache":
+        """A cache with this one's positions and padding but the given keys and values."""
+        out = _PaddedKVCache([0])
+        out.keys, out.values = keys, values
+        out.left_padding, out.offset, out._idx = self.left_padding, self.offset, self._idx
+        return out
+
+
+def _checkpointed_call(call: Callable) -> Callable:
+    """A transformer block's `__call__` that keeps only its inputs for the backward pass.
+
+    The block runs under `mx.checkpoint`, which recomputes it during the backward pass. The
+    block's trainable parameters are explicit inputs (so they get gradients; the frozen ones are
+    constants), and so are the cache's keys and values: the cache's update is returned as outputs
+    and applied outside, so the recomputation starts from the same cache state.
+    """
+
+    def checkpointed(self, x, mask=None, cache=None):
+        if cache is not None and not isinstance(cache, _PaddedKVCache):
+            return call(self, x, mask, cache)
+        own = self.trainable_parameters()
+        # The positions as of this call: the recomputation runs after `cache` has moved on.
+        start = None if cache is None else cache.with_entries(None, None)
+
+        def block(params, x, *entries):
+            # Also runs in the backward pass (the recomputation), outside the caller's block.
+            with kernels.graph_only():
+                self.update(params)
+                try:
+                    c = None if start is None else start.with_entries(*(entries or (None, None)))
+                    y = call(self, x, mask, c)
+                finally:
+                    self.update(own)
+            return (y,) if c is None else (y, c.keys, c.values)
+
+        entries = [] if cache is None or cache.keys is None else [cache.keys, cache.values]
+        out = mx.checkpoint(block)(own, x, *entries)
+        if cache is not None:
+            cache.keys, cache.values = out[1], out[2]
+            cache.offset = cache.offset + x.shape[1]
+            cache._idx += x.shape[1]
+        return out[0]
+
+    return checkpointed
+
+
+@contextmanager
+def checkpointed_layers(model: nn.Module):
+    """Gradient checkpointing of the model's transformer blocks for the duration of the block.
+
+    Activation memory falls from every intermediate of every block to about each block's input,
+    for one more forward pass of compute. Inside the block nothing syncs with the host
+    (`kernels.graph_only`): on the CPU that gives up the NumPy exp paths, so a checkpointed
+    gradient pass trades speed for memory there too. Patches the blocks' classes (as mlx-lm's
+    `grad_checkpoint` does) and restores them on exit.
+    """
+    layers = getattr(_split_model(model)[0], "layers", None) or getattr(model, "layers", None)
+    if not layers:
+        raise MlxRftError(
+            f"{type(model).__name__} has no `layers` list to checkpoint; turn "
+            "gradient_checkpointing off for this model"
+        )
+    originals = {}
+    for layer in layers:
+        cls = type(layer)
+        if cls not in originals:
+            originals[cls] = cls.__call__
+            cls.__call__ = _checkpointed_call(cls.__call__)
+    try:
+        with kernels.graph_only():
+            yield
+    finally:
+        for cls, call in originals.items():
+            cls.__call__ = call
 
 
 # A body pass has a fixed cost (30 layers of small ops, skinnier GEMMs) worth roughly this many
@@ -227,7 +308,7 @@ def _head_token_stats(
         z = out if out.dtype == mx.float64 else out.astype(mx.float32)
         return z / temperature if temperature != 1.0 else z
 
-    on_host = kernels.on_cpu() and hidden.dtype in (mx.float32, mx.float64)  # see the docstring
+    on_host = kernels.host_paths() and hidden.dtype in (mx.float32, mx.float64)  # see the docstring
 
     @mx.custom_function
     def fused(hidden: mx.array, leaves: list[mx.array]):
@@ -252,8 +333,10 @@ def _head_token_stats(
         for s, e in bounds:
             hc = hidden[s:e] if on_host else mx.depends(hidden[s:e], after)
             z = logits_of(leaves, hc)
-            # d logp / d z = g * (onehot(target) - softmax(z)), formed in one buffer.
-            dz = kernels.selective_logsoftmax_cotangent(z, targets[s:e], g[s:e])
+            # d logp / d z = g * (onehot(target) - softmax(z)), formed in one buffer. The VJP runs
+            # after the caller's `graph_only()` block has ended; keep to the forward's choice.
+            with contextlib.nullcontext() if on_host else kernels.graph_only():
+                dz = kernels.selective_logsoftmax_cotangent(z, targets[s:e], g[s:e])
             _, grads = mx.vjp(lambda *a: logits_of(list(a[:-1]), a[-1]), [*leaves, hc], [dz])
             dh, dl = grads[-1], grads[:-1]
             if on_host and len(bounds) > 1:

@@ -12,6 +12,7 @@ spent on them. Seeds are derived from (seed, step), so a resumed run replays the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -218,7 +219,7 @@ class GRPOTrainer:
         return [slice(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
     def _make_loss(self):
-        from ..algo.logprobs import sequence_logprobs
+        from ..algo.logprobs import checkpointed_layers, sequence_logprobs
         from ..algo.losses import LossConfig, compute_loss
 
         cfg = self.cfg
@@ -232,9 +233,10 @@ class GRPOTrainer:
         def loss_fn(model, prompts, group_size, ids, mask, old_lp, ref_lp, adv, norms):
             # Entropy costs a second pass over [N, T, V] (~40% of the gradient pass on CPU), so it
             # is computed only when entropy masking needs it (then it is also logged).
-            logp, entropy = sequence_logprobs(
-                model, prompts, ids, mask, group_size, cfg.temperature, with_entropy=need_entropy
-            )
+            with checkpointed_layers(model) if cfg.gradient_checkpointing else contextlib.nullcontext():
+                logp, entropy = sequence_logprobs(
+                    model, prompts, ids, mask, group_size, cfg.temperature, with_entropy=need_entropy
+                )
             loss, stats = compute_loss(loss_cfg, logp, old_lp, ref_lp, adv, mask, entropy=entropy, **norms)
             return loss, stats.as_dict()
 
@@ -432,7 +434,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         ref_lp = None
         if cfg.beta > 0:
-            from ..algo.logprobs import sequence_logprobs
+            from ..algo.logprobs import checkpointed_layers, sequence_logprobs
 
             ref_lp, _ = self.reference.run(
                 lambda m: sequence_logprobs(m, prompts, rollouts.completion_ids, mask, G, cfg.temperature)
