@@ -17,6 +17,8 @@ from __future__ import annotations
 import mlx_rft  # noqa: F401  (loads the fast BLAS before mlx.core)
 
 import argparse
+import atexit
+import shutil
 import tempfile
 import time
 
@@ -74,6 +76,7 @@ def main() -> None:
 
     if args.model == "tiny":
         folder = tempfile.mkdtemp(prefix="bench_logprobs_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         write_tiny_model(
             folder, "qwen3", vocab_size=args.vocab, hidden_size=args.hidden,
             intermediate_size=2 * args.hidden, head_dim=args.hidden // 4,

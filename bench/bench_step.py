@@ -58,7 +58,11 @@ def main() -> None:
     args = ap.parse_args()
 
     gemm = measure_gemm_gflops()
-    tmp = Path(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory() as folder:  # the run's checkpoints: GBs for large models
+        run(args, gemm, Path(folder))
+
+
+def run(args, gemm: float, tmp: Path) -> None:
     model = None
     if args.qwen:
         from mlx_rft.testing import write_tiny_model
@@ -70,6 +74,9 @@ def main() -> None:
         group_size=4, max_new_tokens=args.max_new_tokens, temperature=1.0, learning_rate=1e-6,
         output_dir=str(tmp / "run"), save_every=10**6, eval_size=1, sample_every=0, log_every=1,
         gradient_accumulation_steps=args.accumulation, gradient_checkpointing=args.gradient_checkpointing,
+        # The random model's completions decode to text that scores the same in every group: keep
+        # those groups in the gradient pass so the step's memory is that of a real update.
+        skip_zero_advantage=not args.qwen,
     )
     trainer = GRPOTrainer(cfg, reward_funcs=[long_answer], train_dataset=rows)
     trainer.evaluate = lambda step: {}  # benchmark the steps only

@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_rft.config import GRPOConfig
 from mlx_rft.errors import MlxRftError
@@ -159,3 +159,32 @@ def test_resume_errors(tmp_path):
         ckpt.find_checkpoint("latest", tmp_path)
     with pytest.raises(MlxRftError, match="not a checkpoint folder"):
         ckpt.find_checkpoint(str(tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1e-3])
+def test_compiled_update_matches_the_plain_optimizer(tiny_qwen3, max_norm):
+    """CompiledApply = clip_grad_norm + AdamW.update (two steps), and its change is the squared
+    distance between the weights before and after, in float64."""
+    from mlx_rft.train.optim import CompiledApply, global_norm
+
+    models = [load_model(tiny_qwen3, dtype="float32")[0] for _ in range(2)]
+    opts = [optim.AdamW(learning_rate=1e-2, weight_decay=0.1) for _ in range(2)]
+    compiled = CompiledApply(models[1], opts[1], max_norm)
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        grads = {k: mx.array(rng.normal(size=v.shape).astype(np.float32))
+                 for k, v in tree_flatten(models[0].trainable_parameters())}
+        tree = tree_unflatten(list(grads.items()))
+        before = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(models[1].trainable_parameters())}
+        expected_norm = global_norm(tree)
+        plain = optim.clip_grad_norm(tree, max_norm)[0] if max_norm > 0 else tree
+        opts[0].update(models[0], plain)
+        norm, change = compiled(tree)
+        mx.eval(models[0].parameters(), models[1].parameters(), norm, change)
+        assert abs(norm.item() - expected_norm.item()) <= 1e-5 * expected_norm.item()
+        after = dict(tree_flatten(models[1].trainable_parameters()))
+        distance = sum(((np.array(after[k], dtype=np.float64) - before[k]) ** 2).sum() for k in before)
+        assert distance > 0
+        assert abs(change.item() - distance) <= 1e-4 * distance
+        for k, v in tree_flatten(models[0].trainable_parameters()):
+            np.testing.assert_allclose(np.array(after[k]), np.array(v), atol=1e-6, err_msg=k)

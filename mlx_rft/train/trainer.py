@@ -244,7 +244,8 @@ class GRPOTrainer:
 
     def _update(self, loss_and_grad, micro_batches, totals) -> dict[str, float]:
         """One optimizer update: accumulate gradients over micro-batches, clip, apply, eval."""
-        grads_acc, stats_acc, loss_acc = None, {}, 0.0
+        grads = grads_acc = None
+        stats_acc, loss_acc = {}, 0.0
         for mb in micro_batches:
             (loss, stats), grads = loss_and_grad(self.model, *mb, totals)
             grads_acc = grads if grads_acc is None else tree_map(mx.add, grads_acc, grads)
@@ -257,9 +258,10 @@ class GRPOTrainer:
             grads_acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
         grads_acc = self.world.sum_tree(grads_acc)
         loss_acc = self.world.sum_floats(loss_acc)[0]
-        grad_norm = self.apply_update(grads_acc)
-        mx.eval(self.model.parameters(), self.optimizer.state, grad_norm)
-        out = {"loss": loss_acc, "grad_norm": grad_norm.item()}
+        grad_norm, change = self.apply_update(grads_acc)
+        del grads_acc, grads  # the update frees each gradient once applied (see CompiledApply)
+        mx.eval(change, self.model.parameters(), self.optimizer.state, grad_norm)
+        out = {"loss": loss_acc, "grad_norm": grad_norm.item(), "update_norm": math.sqrt(change.item())}
         for k, pairs in stats_acc.items():
             if k in ("num_tokens", "num_loss_tokens"):
                 out[STAT_NAMES[k]] = sum(v for v, _ in pairs)
@@ -472,17 +474,19 @@ class GRPOTrainer:
         totals = {"num_sequences": n * world.size, "global_token_count": max(global_tokens, 1.0)}
 
         t0 = time.perf_counter()
-        # References (not copies) to the weights before this step's updates, for the update norm:
-        # they hold no memory until the optimizer replaces those arrays.
-        before = dict(tree_flatten(self.model.trainable_parameters()))
+        # With several updates per step the step's change is not their sum: keep references to
+        # the weights before them (they cost the weights' size once replaced). One update reports
+        # its own change and keeps nothing.
+        before = dict(tree_flatten(self.model.trainable_parameters())) if cfg.num_iterations > 1 else None
         upd: dict[str, float] = {}
         for _ in range(cfg.num_iterations):
             upd = self._update(loss_and_grad, micro, totals)
-        upd["update_norm"] = math.sqrt(sum(
-            _squared_distance(v, before[k])
-            for k, v in tree_flatten(self.model.trainable_parameters())
-        ).item())
-        del before
+        if before is not None:
+            upd["update_norm"] = math.sqrt(sum(
+                _squared_distance(v, before[k])
+                for k, v in tree_flatten(self.model.trainable_parameters())
+            ).item())
+            del before
         t_upd = time.perf_counter() - t0
         t_step = time.perf_counter() - t_start
 
