@@ -1,7 +1,8 @@
 """Figures behind three trainer/engine choices, on the default model (SmolLM2-135M-Instruct):
 
-1. clip + AdamW over all 134.5M weights: mlx_rft.train.optim.CompiledApply against the plain
-   `clip_grad_norm` + `optimizer.update` (best of 3 after a warm-up each);
+1. clip + AdamW over all 134.5M weights: mlx_rft.train.optim.CompiledApply (on one stream and on
+   two CPU streams, as shipped on the CPU) against the plain `clip_grad_norm` + `optimizer.update`
+   (best of 3 after a warm-up each);
 2. a 16-row LoRA decode step (rank 16, every linear layer): adapters as LoRALinear layers against
    merged for sampling (`adapters_fused`), ms per decode step, best of 3;
 3. behaviour log-probs recorded by the rollout engine against a teacher-forced pass, on the
@@ -39,7 +40,6 @@ def optimizer_update() -> None:
     cfg = GRPOConfig(finetune_type="full")
     grads = tree_map(lambda p: mx.random.normal(p.shape) * 1e-3, model.trainable_parameters())
     mx.eval(grads)
-    compiled = CompiledApply(model, build_optimizer(cfg), cfg.max_grad_norm)
     plain_opt = build_optimizer(cfg)
 
     def plain():
@@ -47,11 +47,17 @@ def optimizer_update() -> None:
         plain_opt.update(model, clipped)
         mx.eval(model.parameters(), plain_opt.state, norm)
 
-    def fused():
-        norm = compiled(grads)
-        mx.eval(model.parameters(), compiled.optimizer.state, norm)
+    def compiled_on(streams: int):
+        compiled = CompiledApply(model, build_optimizer(cfg), cfg.max_grad_norm, streams=streams)
 
-    print(f"clip + AdamW, 134.5M weights: plain {best_of(plain):.2f} s, compiled {best_of(fused):.2f} s")
+        def run():
+            norm, change = compiled(grads)
+            mx.eval(change, model.parameters(), compiled.optimizer.state, norm)
+
+        return run
+
+    print(f"clip + AdamW, 134.5M weights: plain {best_of(plain):.2f} s, compiled on one stream "
+          f"{best_of(compiled_on(1)):.2f} s, on two CPU streams {best_of(compiled_on(2)):.2f} s")
 
 
 def lora_decode_step(prompts, tok) -> None:

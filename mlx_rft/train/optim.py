@@ -6,7 +6,7 @@ from functools import partial
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..config import GRPOConfig
 from ..errors import MlxRftError
@@ -53,45 +53,75 @@ def global_norm(tree) -> mx.array:
     return mx.sqrt(sum((mx.sum(v.astype(mx.float32) ** 2) for v in leaves), mx.array(0.0)))
 
 
+def _balanced_groups(sizes: dict[str, int], n: int) -> list[list[str]]:
+    """The keys in n groups of about equal total size (largest first into the lightest group)."""
+    groups: list[list[str]] = [[] for _ in range(n)]
+    totals = [0] * n
+    for key in sorted(sizes, key=lambda k: -sizes[k]):
+        i = totals.index(min(totals))
+        groups[i].append(key)
+        totals[i] += sizes[key]
+    return [sorted(g) for g in groups if g]
+
+
 class CompiledApply:
-    """Gradient clipping + the optimizer update as one `mx.compile`d function.
+    """Gradient clipping + the optimizer update as `mx.compile`d functions, on two CPU streams.
 
     `apply(grads) -> (grad_norm, change)`: the norm before clipping and the squared norm of the
-    parameter change. Compiling fuses the optimizer's
-    element-wise maths (AdamW: about ten operations per parameter) into a few loops: 0.44 against
-    1.1 s per update for SmolLM2's 134.5M parameters on a 2-core CPU. The model's and the
-    optimizer's state are declared as the compiled function's inputs and outputs (mlx-lm's
-    pattern), so the weights are read and written, never captured as constants; the function is
-    rebuilt whenever the optimizer's state object is replaced (resuming a checkpoint does that).
+    parameter change. Compiling fuses the optimizer's element-wise maths (AdamW: about ten
+    operations per parameter) into a few loops. MLX's CPU backend runs a stream's element-wise
+    work on one thread, so on the CPU the parameters are split into two groups of equal size, each
+    updated on its own stream (both cores; `python bench/bench_train_parts.py`). The update itself
+    is the optimizer's own: the first group goes through `apply_gradients` (the schedule and the
+    step count advance once), the second through `apply_single` with the same state.
+
+    The model's and the optimizer's state are declared as the compiled functions' inputs and
+    outputs (mlx-lm's pattern), so the weights are read and written, never captured as constants;
+    the functions are rebuilt whenever the optimizer's state object is replaced (resuming a
+    checkpoint does that).
     """
 
-    def __init__(self, model, optimizer: optim.Optimizer, max_grad_norm: float) -> None:
+    def __init__(self, model, optimizer: optim.Optimizer, max_grad_norm: float, streams: int | None = None) -> None:
         self.model, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
-        self._fn = None
+        if streams is None:
+            streams = 2 if mx.default_device() == mx.cpu else 1
+        self.streams = [mx.default_stream(mx.default_device())] + [
+            mx.new_stream(mx.default_device()) for _ in range(streams - 1)
+        ]
+        self._fns = None
         self._state_obj = None
 
     def _build(self):
-        model, optimizer, max_norm = self.model, self.optimizer, self.max_grad_norm
+        model, optimizer = self.model, self.optimizer
         optimizer.init(model.trainable_parameters())  # keeps existing (resumed) state
         state = [model.state, optimizer.state]
+        sizes = {k: v.size for k, v in tree_flatten(model.trainable_parameters())}
+        groups = _balanced_groups(sizes, len(self.streams))
 
-        @partial(mx.compile, inputs=state, outputs=state)
-        def apply(grads):
-            if max_norm > 0:
-                grads, norm = optim.clip_grad_norm(grads, max_norm)
-            else:
-                norm = global_norm(grads)
-            old = tree_flatten(model.trainable_parameters())
-            optimizer.update(model, grads)
-            new = tree_flatten(model.trainable_parameters())
-            change = sum(
-                (mx.sum((n.astype(mx.float32) - o.astype(mx.float32)) ** 2) for (_, n), (_, o) in zip(new, old)),
-                mx.array(0.0),
-            )
-            return norm, change
+        @mx.compile
+        def squared_sum(grads: list[mx.array]) -> mx.array:
+            return sum((mx.sum(g.astype(mx.float32) ** 2) for g in grads), mx.array(0.0))
+
+        def make_update(keys: list[str], first: bool):
+            @partial(mx.compile, inputs=state, outputs=state)
+            def update(grads: list[mx.array], normalizer: mx.array) -> mx.array:
+                tree = tree_unflatten([(k, (g * normalizer).astype(g.dtype)) for k, g in zip(keys, grads)])
+                old = [v for _, v in tree_flatten(_subtree(model.trainable_parameters(), keys))]
+                if first:  # advances the schedule and the step count, once per update
+                    new = optimizer.apply_gradients(tree, model)
+                else:
+                    new = tree_map(optimizer.apply_single, tree, model, optimizer.state)
+                model.update(new)
+                fresh = [v for _, v in tree_flatten(new)]
+                return sum(
+                    (mx.sum((n.astype(mx.float32) - o.astype(mx.float32)) ** 2) for n, o in zip(fresh, old)),
+                    mx.array(0.0),
+                )
+
+            return update
 
         self._state_obj = optimizer.state
-        return apply
+        return groups, squared_sum, [make_update(keys, i == 0) for i, keys in enumerate(groups)]
 
     def __call__(self, grads) -> tuple[mx.array, mx.array]:
         """(gradient norm before clipping, squared L2 norm of the parameter change), lazily.
@@ -101,6 +131,27 @@ class CompiledApply:
         each old weight, moment and gradient as soon as its replacement exists, instead of holding
         all the old and new state at once (1.6x the weights' size more at the peak).
         """
-        if self._fn is None or self.optimizer.state is not self._state_obj:
-            self._fn = self._build()
-        return self._fn(grads)
+        if self._fns is None or self.optimizer.state is not self._state_obj:
+            self._fns = self._build()
+        groups, squared_sum, updates = self._fns
+        flat = dict(tree_flatten(grads))
+        per_group = [[flat[k] for k in keys] for keys in groups]
+        partial_sums = []
+        for stream, g in zip(self.streams, per_group):
+            with mx.stream(stream):
+                partial_sums.append(squared_sum(g))
+        norm = mx.sqrt(sum(partial_sums[1:], partial_sums[0]))
+        if self.max_grad_norm > 0:  # as optim.clip_grad_norm
+            normalizer = mx.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
+        else:
+            normalizer = mx.array(1.0)
+        changes = []
+        for stream, update, g in zip(self.streams, updates, per_group):
+            with mx.stream(stream):
+                changes.append(update(g, normalizer))
+        return norm, sum(changes[1:], changes[0])
+
+
+def _subtree(tree, keys: list[str]):
+    flat = dict(tree_flatten(tree))
+    return tree_unflatten([(k, flat[k]) for k in keys])
