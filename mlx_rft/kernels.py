@@ -20,8 +20,7 @@ tests/test_kernels.py:
 files call at the functions below (process-wide, for the modules that define `model`'s layers);
 `load_model` and the rollout engine call it. CPU only: on GPUs every function here falls through
 to MLX, and inside `graph_only()` (gradient checkpointing) nothing syncs: SwiGLU, attention and
-the log-softmax use MLX's own ops. MLX_RFT_FAST_KERNELS=0 keeps
-mlx-lm's functions.
+the log-softmax use MLX's own ops. MLX_RFT_FAST_KERNELS=0 keeps mlx-lm's functions.
 """
 
 from __future__ import annotations

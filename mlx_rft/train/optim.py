@@ -48,11 +48,6 @@ def build_optimizer(cfg: GRPOConfig) -> optim.Optimizer:
     raise MlxRftError(f"unknown optimizer {name!r}")
 
 
-def global_norm(tree) -> mx.array:
-    leaves = [v for _, v in tree_flatten(tree)]
-    return mx.sqrt(sum((mx.sum(v.astype(mx.float32) ** 2) for v in leaves), mx.array(0.0)))
-
-
 def _balanced_groups(sizes: dict[str, int], n: int) -> list[list[str]]:
     """The keys in n groups of about equal total size (largest first into the lightest group)."""
     groups: list[list[str]] = [[] for _ in range(n)]

@@ -436,7 +436,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         ref_lp = None
         if cfg.beta > 0:
-            from ..algo.logprobs import checkpointed_layers, sequence_logprobs
+            from ..algo.logprobs import sequence_logprobs
 
             ref_lp, _ = self.reference.run(
                 lambda m: sequence_logprobs(m, prompts, rollouts.completion_ids, mask, G, cfg.temperature)
