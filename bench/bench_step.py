@@ -22,11 +22,9 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
-import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_rft import GRPOConfig, GRPOTrainer

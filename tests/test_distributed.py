@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 JOB = Path(__file__).with_name("dist_job.py")

@@ -4,7 +4,6 @@ exact, resume reproduces an uninterrupted run, Ctrl-C saves a checkpoint."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
