@@ -162,12 +162,14 @@ def test_resume_errors(tmp_path):
 
 
 @pytest.mark.parametrize("max_norm,streams", [(0.0, 2), (1e-3, 2), (1e-3, 1)])
-def test_compiled_update_matches_the_plain_optimizer(tiny_qwen3, max_norm, streams):
+def test_compiled_update_matches_the_plain_optimizer(tiny_model_factory, max_norm, streams):
     """CompiledApply = clip_grad_norm + AdamW.update (two steps), and its change is the squared
-    distance between the weights before and after, in float64."""
+    distance between the weights before and after, in float64. Twelve blocks, so that parameter
+    names do not sort in the order the model lists them (layers.10 before layers.2)."""
     from mlx_rft.train.optim import CompiledApply
 
-    models = [load_model(tiny_qwen3, dtype="float32")[0] for _ in range(2)]
+    path = tiny_model_factory("qwen3", num_hidden_layers=12)
+    models = [load_model(path, dtype="float32")[0] for _ in range(2)]
     opts = [optim.AdamW(learning_rate=1e-2, weight_decay=0.1) for _ in range(2)]
     compiled = CompiledApply(models[1], opts[1], max_norm, streams=streams)
     rng = np.random.default_rng(0)

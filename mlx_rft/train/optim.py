@@ -101,15 +101,14 @@ class CompiledApply:
             @partial(mx.compile, inputs=state, outputs=state)
             def update(grads: list[mx.array], normalizer: mx.array) -> mx.array:
                 tree = tree_unflatten([(k, (g * normalizer).astype(g.dtype)) for k, g in zip(keys, grads)])
-                old = [v for _, v in tree_flatten(_subtree(model.trainable_parameters(), keys))]
+                old = dict(tree_flatten(model.trainable_parameters()))
                 if first:  # advances the schedule and the step count, once per update
                     new = optimizer.apply_gradients(tree, model)
                 else:
                     new = tree_map(optimizer.apply_single, tree, model, optimizer.state)
                 model.update(new)
-                fresh = [v for _, v in tree_flatten(new)]
                 return sum(
-                    (mx.sum((n.astype(mx.float32) - o.astype(mx.float32)) ** 2) for n, o in zip(fresh, old)),
+                    (mx.sum((n.astype(mx.float32) - old[k].astype(mx.float32)) ** 2) for k, n in tree_flatten(new)),
                     mx.array(0.0),
                 )
 
@@ -145,8 +144,3 @@ class CompiledApply:
             with mx.stream(stream):
                 changes.append(update(g, normalizer))
         return norm, sum(changes[1:], changes[0])
-
-
-def _subtree(tree, keys: list[str]):
-    flat = dict(tree_flatten(tree))
-    return tree_unflatten([(k, flat[k]) for k in keys])
