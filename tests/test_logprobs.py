@@ -34,6 +34,17 @@ def batch(seed=0, vocab=384):
     return prompts, mx.array(ids, dtype=mx.int32), mx.array(mask)
 
 
+def dense_batch(seed, vocab, prompt_len, length):
+    """2 prompts x 2 completions, every completion token masked in, and random loss weights."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, vocab, size=prompt_len).tolist() for _ in range(2)]
+    ids = mx.array(rng.integers(0, vocab, size=(4, length)), dtype=mx.int32)
+    mask = mx.ones((4, length))
+    w = mx.array(rng.normal(size=(4, length)).astype(np.float32))
+    mx.eval(ids, mask, w)
+    return prompts, ids, mask, w
+
+
 def max_diff(a, b):
     return float(mx.abs(a - b).max())
 
@@ -239,12 +250,7 @@ def test_chunking_keeps_the_head_under_the_memory_limit(tiny_model_factory):
     40 MiB unchunked.
     """
     model, _ = load_model(tiny_model_factory("qwen3", vocab_size=16384), dtype="float32")
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, 16384, size=8).tolist() for _ in range(2)]
-    ids = mx.array(rng.integers(0, 16384, size=(4, 64)), dtype=mx.int32)
-    mask = mx.ones((4, 64))
-    w = mx.array(rng.normal(size=(4, 64)).astype(np.float32))
-    mx.eval(ids, mask, w)
+    prompts, ids, mask, w = dense_batch(0, vocab=16384, prompt_len=8, length=64)
 
     peaks = {}
     for chunk in (0, 16):
@@ -367,12 +373,7 @@ def test_checkpointing_lowers_the_gradient_pass_peak(tiny_model_factory):
         tiny_model_factory("qwen3", num_hidden_layers=6, hidden_size=128, intermediate_size=512),
         dtype="float32",
     )
-    rng = np.random.default_rng(8)
-    prompts = [rng.integers(3, 384, size=16).tolist() for _ in range(2)]
-    ids = mx.array(rng.integers(3, 384, size=(4, 128)), dtype=mx.int32)
-    mask = mx.ones((4, 128))
-    w = mx.array(rng.normal(size=(4, 128)).astype(np.float32))
-    mx.eval(ids, mask, w)
+    prompts, ids, mask, w = dense_batch(8, vocab=384, prompt_len=16, length=128)
 
     def loss(m):
         return (sequence_logprobs(m, prompts, ids, mask, 2)[0] * w).sum()

@@ -9,6 +9,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..config import GRPOConfig
+from ..kernels import on_cpu
 from ..errors import MlxRftError
 
 
@@ -48,6 +49,12 @@ def build_optimizer(cfg: GRPOConfig) -> optim.Optimizer:
     raise MlxRftError(f"unknown optimizer {name!r}")
 
 
+@mx.compile
+def squared_distance(a: mx.array, b: mx.array) -> mx.array:
+    """sum((a - b)^2) in float32 at least: the squared size of a parameter's change."""
+    return mx.sum(mx.square(a.astype(mx.float32) - b.astype(mx.float32)))
+
+
 def _balanced_groups(sizes: dict[str, int], n: int) -> list[list[str]]:
     """The keys in n groups of about equal total size (largest first into the lightest group)."""
     groups: list[list[str]] = [[] for _ in range(n)]
@@ -79,7 +86,7 @@ class CompiledApply:
     def __init__(self, model, optimizer: optim.Optimizer, max_grad_norm: float, streams: int | None = None) -> None:
         self.model, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
         if streams is None:
-            streams = 2 if mx.default_device() == mx.cpu else 1
+            streams = 2 if on_cpu() else 1
         self.streams = [mx.default_stream(mx.default_device())] + [
             mx.new_stream(mx.default_device()) for _ in range(streams - 1)
         ]
@@ -107,10 +114,7 @@ class CompiledApply:
                 else:
                     new = tree_map(optimizer.apply_single, tree, model, optimizer.state)
                 model.update(new)
-                return sum(
-                    (mx.sum((n.astype(mx.float32) - old[k].astype(mx.float32)) ** 2) for k, n in tree_flatten(new)),
-                    mx.array(0.0),
-                )
+                return sum((squared_distance(n, old[k]) for k, n in tree_flatten(new)), mx.array(0.0))
 
             return update
 

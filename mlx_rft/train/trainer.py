@@ -32,7 +32,7 @@ from ..evaluate import columns_per_row
 from ..types import PromptExample, RolloutBatch, SamplingConfig
 from . import checkpoint as ckpt
 from .metrics import build_reporters, format_step_line, write_report
-from .optim import CompiledApply, build_optimizer
+from .optim import CompiledApply, build_optimizer, squared_distance
 from .distributed import init_world
 from .policy import (
     ReferencePolicy, adapter_config, adapters_fused, count_parameters, setup_trainable,
@@ -483,7 +483,7 @@ class GRPOTrainer:
             upd = self._update(loss_and_grad, micro, totals)
         if before is not None:
             upd["update_norm"] = math.sqrt(sum(
-                _squared_distance(v, before[k])
+                squared_distance(v, before[k])
                 for k, v in tree_flatten(self.model.trainable_parameters())
             ).item())
             del before
@@ -531,11 +531,6 @@ class GRPOTrainer:
                 }) + "\n")
             rollout_log.flush()
         return m
-
-
-@mx.compile
-def _squared_distance(a: mx.array, b: mx.array) -> mx.array:
-    return mx.sum(mx.square(a - b))
 
 
 def _current_lr(optimizer) -> float:
