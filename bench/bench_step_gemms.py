@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
 import mlx.core as mx
@@ -32,16 +31,7 @@ import mlx.nn as nn
 
 from mlx_rft.doctor import measure_gemm_gflops
 from mlx_rft.models import load_model
-
-
-def best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from timing import best_of
 
 
 def decode_via_blas(weights: list[mx.array], rows: int, repeats: int) -> dict[str, float] | None:
@@ -67,7 +57,8 @@ def decode_via_blas(weights: list[mx.array], rows: int, repeats: int) -> dict[st
     lib.cblas_sgemm_pack.argtypes = [c_int] * 6 + [c_float, ptr, c_int, ptr]
     lib.cblas_sgemm_compute.argtypes = [c_int] * 6 + [ptr, c_int, ptr, c_int, c_float, ptr, c_int]
     ws = [np.array(w) for w in weights]
-    xs = {k: np.random.default_rng(0).normal(size=(rows, k)).astype(np.float32) for k in {w.shape[1] for w in ws}}
+    rng = np.random.default_rng(0)
+    xs = {k: rng.normal(size=(rows, k)).astype(np.float32) for k in {w.shape[1] for w in ws}}
     ys = {n: np.zeros((rows, n), np.float32) for n in {w.shape[0] for w in ws}}
     packs = []
     for w in ws:
@@ -88,7 +79,7 @@ def decode_via_blas(weights: list[mx.array], rows: int, repeats: int) -> dict[st
             lib.cblas_sgemm_compute(row_major, no_trans, packed, rows, n, k, xs[k].ctypes.data, k,
                                     buf.ctypes.data, k, 0.0, ys[n].ctypes.data, n)
 
-    return {"cblas_sgemm": best(plain, repeats * 3), "packed": best(packed_step, repeats * 3)}
+    return {"cblas_sgemm": best_of(plain, repeats * 3), "packed": best_of(packed_step, repeats * 3)}
 
 
 def main() -> int:
@@ -144,7 +135,8 @@ def main() -> int:
                      flops(m_prompt + m_completion, weights, 3) + flops(m_completion, [head], 4), 1),
     }
     gemm = measure_gemm_gflops()
-    results = {name: (best(fn, args.repeats) * times, fl * times) for name, (fn, fl, times) in phases.items()}
+    results = {name: (best_of(fn, args.repeats) * times, fl * times)
+               for name, (fn, fl, times) in phases.items()}
     gemm = max(gemm, measure_gemm_gflops())  # the host's load varies: the better of two readings
     print(f"# {sum(w.size for w in weights) + head.size:,} weights; B x G = {args.prompts} x "
           f"{args.group_size}, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
