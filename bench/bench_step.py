@@ -27,6 +27,7 @@ from pathlib import Path
 import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
 from mlx.utils import tree_flatten
 
+import step_job
 from mlx_rft import GRPOConfig, GRPOTrainer
 from mlx_rft.doctor import measure_gemm_gflops
 
@@ -35,11 +36,6 @@ QWEN3_06B = dict(
     num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=4096,
     rope_theta=1_000_000.0, tie_word_embeddings=True,
 )
-
-
-def long_answer(prompts, completions, **columns):
-    """Rewards completions for approaching 200 characters: varied within every group."""
-    return [-abs(200 - len(c)) / 200 for c in completions]
 
 
 def main() -> None:
@@ -66,7 +62,7 @@ def run(args, gemm: float, tmp: Path) -> None:
         from mlx_rft.testing import write_tiny_model
 
         model = str(write_tiny_model(tmp / "qwen3-0.6b-shape", "qwen3", **QWEN3_06B))
-    rows = [{"prompt": f"Write a short story about the number {i}, in two sentences."} for i in range(200)]
+    rows = [{"prompt": p} for p in step_job.prompts()]
     cfg = GRPOConfig(
         model=model, finetune_type=args.finetune_type, num_steps=args.steps, prompts_per_step=4,
         group_size=4, max_new_tokens=args.max_new_tokens, temperature=1.0, learning_rate=1e-6,
@@ -76,7 +72,7 @@ def run(args, gemm: float, tmp: Path) -> None:
         # those groups in the gradient pass so the step's memory is that of a real update.
         skip_zero_advantage=not args.qwen,
     )
-    trainer = GRPOTrainer(cfg, reward_funcs=[long_answer], train_dataset=rows)
+    trainer = GRPOTrainer(cfg, reward_funcs=[step_job.long_answer], train_dataset=rows)
     trainer.evaluate = lambda step: {}  # benchmark the steps only
     result = trainer.train()
     steps = [h for h in result.history if "time/step" in h]
