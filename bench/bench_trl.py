@@ -2,7 +2,9 @@
 
 Runs under a separate environment with torch and TRL (mlx-rft does not depend on them):
 
-    python -m venv trl-env && trl-env/bin/pip install torch trl
+    python -m venv trl-env
+    trl-env/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
+    trl-env/bin/pip install trl
     trl-env/bin/python bench/bench_trl.py --model ~/.cache/mlx-rft/models/SmolLM2-135M-Instruct
     trl-env/bin/python bench/bench_trl.py --model ... --gradient-checkpointing
 
