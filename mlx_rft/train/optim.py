@@ -83,7 +83,9 @@ class CompiledApply:
     checkpoint does that).
     """
 
-    def __init__(self, model, optimizer: optim.Optimizer, max_grad_norm: float, streams: int | None = None) -> None:
+    def __init__(
+        self, model, optimizer: optim.Optimizer, max_grad_norm: float, streams: int | None = None
+    ) -> None:
         self.model, self.optimizer, self.max_grad_norm = model, optimizer, max_grad_norm
         if streams is None:
             streams = 2 if on_cpu() else 1
