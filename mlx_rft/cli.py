@@ -14,7 +14,7 @@ COMMANDS = {
     "train": ("mlx_rft.train.cli", "GRPO-family reinforcement fine-tuning (default: built-in task)"),
     "eval": ("mlx_rft.evaluate", "score a model or checkpoint on a dataset (pass@1, pass@k)"),
     "generate": ("mlx_rft.generate", "chat generation from a model folder (default: embedded model)"),
-    "import-gguf": ("mlx_rft.gguf", "convert a GGUF file into a Hugging Face-format folder"),
+    "import-gguf": ("mlx_rft.import_gguf", "convert a GGUF file into a Hugging Face-format folder"),
     "export": ("mlx_rft.export", "fuse LoRA adapters into full weights for sharing"),
     "doctor": ("mlx_rft.doctor", "show backend, BLAS, GEMM speed, versions, default model"),
 }

@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .dtypes import default_dtype, to_mx_dtype
 from .errors import MlxRftError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def cache_dir() -> Path:
@@ -90,21 +90,6 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     if not list(path.glob("model*.safetensors")):
         raise MlxRftError(f"{path} has no model*.safetensors weights")
     return path
-
-
-def default_dtype() -> str:
-    """float32 on CPU (MLX CPU bf16/fp16 matmuls are slow), bfloat16 on a GPU."""
-    import mlx.core as mx
-
-    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
-
-
-def to_mx_dtype(name: str):
-    import mlx.core as mx
-
-    if name not in DTYPES:
-        raise MlxRftError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return getattr(mx, name)
 
 
 def cast_model(model, dtype: str) -> None:

@@ -245,7 +245,7 @@ def llama_f32_import(tiny_llama, tmp_path_factory):
 
 
 def test_unpermute_inverts_llama_cpp_permute():
-    from mlx_rft.gguf import unpermute_llama_qk
+    from mlx_rft.gguf.weights import unpermute_llama_qk
 
     w = np.random.default_rng(0).standard_normal((3 * 8, 5)).astype(np.float32)  # 3 heads, head_dim 8
     permuted = llama_cpp_permute(w, 3)
@@ -1018,10 +1018,10 @@ def test_errors_name_problem_and_fix(tmp_path, tiny_llama):
     bad.write_tensors_to_file()
     bad.close()
     header = read_gguf_header(tmp_path / "int.gguf")
-    from mlx_rft.gguf import _check_quant_types
+    from mlx_rft.gguf.tensors import check_quant_types
 
     with pytest.raises(MlxRftError, match="'token_embd.weight' is stored as I32"):
-        _check_quant_types(header)
+        check_quant_types(header)
 
     # a failure while writing weights leaves nothing behind
     incomplete = write_gguf(
@@ -1131,7 +1131,7 @@ def llama_cpp_rope_freqs(theta, dim, factor, low, high, original) -> np.ndarray:
 def test_llama3_rope_scaling_recovered_from_rope_freqs(tiny_llama, tmp_path):
     from mlx_lm.utils import load
 
-    from mlx_rft.gguf import _llama3_rope_scaling
+    from mlx_rft.gguf.config import _llama3_rope_scaling
 
     # Llama 3.2's parameters at its real head_dim and theta
     factors = llama_cpp_rope_freqs(500000.0, 64, 32.0, 1.0, 4.0, 8192)
@@ -1205,7 +1205,8 @@ def test_embedded_tokenizer_json_and_unknown_pre_tokenizer(tiny_llama, tmp_path)
 
 
 def test_eos_ids_include_end_of_turn_tokens(tmp_path):
-    from mlx_rft.gguf import GGUFHeader, _eos_ids
+    from mlx_rft.gguf.header import GGUFHeader
+    from mlx_rft.gguf.tokenizer import eos_ids
 
     tokens = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "hello"]
     meta = {
@@ -1215,13 +1216,13 @@ def test_eos_ids_include_end_of_turn_tokens(tmp_path):
         "tokenizer.ggml.eos_token_id": 1,
         "tokenizer.chat_template": "{{ m['content'] }}<|eot_id|>",
     }
-    assert _eos_ids(GGUFHeader(tmp_path, 3, meta, ())) == [1, 2]  # eos, then the template's <|eot_id|>
+    assert eos_ids(GGUFHeader(tmp_path, 3, meta, ())) == [1, 2]  # eos, then the template's <|eot_id|>
     meta["tokenizer.ggml.eom_token_id"] = 3
-    assert _eos_ids(GGUFHeader(tmp_path, 3, meta, ())) == [1, 3, 2]
+    assert eos_ids(GGUFHeader(tmp_path, 3, meta, ())) == [1, 3, 2]
 
 
 def test_replace_dir_keeps_a_folder_another_import_finished_first(tmp_path):
-    from mlx_rft.gguf import _replace_dir
+    from mlx_rft.gguf.importer import _replace_dir
 
     out, mine = tmp_path / "model", tmp_path / ".model.importing-x"
     out.mkdir()
