@@ -7,7 +7,9 @@ import importlib.resources
 import json
 import os
 import random
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -30,6 +32,23 @@ ISOLATION = detect_isolation()
 needs_namespaces = pytest.mark.skipif(
     ISOLATION != "namespaces", reason="needs root and util-linux unshare (namespaces isolation)"
 )
+
+
+def expected_isolation() -> str:
+    """The mode the README promises from the machine alone: root with unshare gets namespaces,
+    unshare with unprivileged user namespaces gets userns, anything else none."""
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return "none"
+    if os.geteuid() == 0:
+        return "namespaces"
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True)
+    return "userns" if r.returncode == 0 else "none"
+
+
+def userns_works() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--user", "--map-root-user", "true"], capture_output=True).returncode == 0
 
 
 def sandbox_processes() -> list[int]:
@@ -100,7 +119,7 @@ def test_build_job_forms():
 def test_fraction_of_tests_passed(box):
     code = "def f(x):\n    return 2 * x if x < 3 else 0\n"
     res = box.run(build_job(code, ["assert f(1) == 2", "assert f(2) == 4", "assert f(5) == 10", "f(None)"]))
-    assert res.status == "ok" and res.isolation == ISOLATION
+    assert res.status == "ok" and res.isolation == expected_isolation()
     assert res.results == [True, True, False, False] and res.score == 0.5
     assert res.errors[2].startswith("AssertionError") and res.errors[3].startswith("TypeError")
 
@@ -314,6 +333,42 @@ def test_none_mode_guard_still_contains():
     res = run(sb, "open('/dev/shm/mlx-rft-none-mode', 'w')")
     assert "not allowed" in res.errors[0] and not os.path.exists("/dev/shm/mlx-rft-none-mode")
     assert run(sb, "while True:\n    pass").status == "timeout"
+
+
+@pytest.mark.parametrize("mode", ["userns", "none"])
+def test_fallback_modes_keep_their_promises(mode, tmp_path):
+    """Without root ("userns") or without namespaces ("none"): the limits and the Python guard
+    still hold; userns also keeps its own namespaces (PID 1, no network) with the guard off."""
+    if mode == "userns" and not userns_works():
+        pytest.skip("needs util-linux unshare and unprivileged user namespaces (userns isolation)")
+    sb = CodeSandbox(SandboxConfig(isolation=mode, timeout=3.0, memory_mb=256, file_size_mb=1,
+                                   concurrency=1))
+    assert sb.isolation == mode
+    res = run(sb, "def f():\n    return 41 + 1", ["assert f() == 42"])
+    assert res.score == 1.0 and res.isolation == mode
+    # Limits: wall clock, address space, file size.
+    assert run(sb, "while True:\n    pass").status == "timeout"
+    assert "MemoryError" in run(sb, "x = bytearray(1 << 30)").errors[0]
+    assert "File too large" in run(sb, "open('big.bin', 'wb').write(b'x' * (2 << 20))").errors[0]
+    # The guard: no network, no process creation, no writes outside the work folder.
+    outside = tmp_path / f"outside-{mode}.txt"
+    os.chmod(tmp_path, 0o777)
+    assert "not allowed" in run(sb, "import socket\nsocket.create_connection(('127.0.0.1', 9))").errors[0]
+    assert "not allowed" in run(sb, "import os\nos.fork()").errors[0]
+    assert "not allowed" in run(sb, f"open({str(outside)!r}, 'w').write('x')").errors[0]
+    assert not outside.exists()
+    assert run(sb, "open('notes.txt', 'w').write('hi')", ["assert open('notes.txt').read() == 'hi'"]).score == 1.0
+    if mode == "userns":
+        bare = CodeSandbox(SandboxConfig(isolation=mode, timeout=5.0, python_guard=False, concurrency=1))
+        code = (
+            "import os, socket\npid = os.getpid()\n"
+            "try:\n    socket.create_connection(('127.0.0.1', 9), timeout=1); net = 'up'\n"
+            "except OSError as e:\n    net = 'down' if e.errno in (101, 99) else 'up'\n"
+        )
+        res = run(bare, code, ["assert pid == 1", "assert net == 'down'"])
+        assert res.results == [True, True], res.errors
+        res = run(bare, f"open({str(outside)!r}, 'w').write('x')")
+        assert "Error" in res.errors[0] and not outside.exists()
 
 
 def test_runs_in_parallel_up_to_the_concurrency():

@@ -415,26 +415,47 @@ def stop_server(proc, log):
     log.close()
 
 
+# The chat template's generation prompt ends every judge request; the scripted model answers it.
+GENERATION_PROMPT = "<|im_start|>assistant\n"
+
+
 @pytest.fixture(scope="module")
-def tiny_server(tiny_model_factory, tmp_path_factory):
-    proc, port, log = start_mlx_server(tiny_model_factory("qwen3"), tmp_path_factory.mktemp("srv") / "log")
+def scripted_server(scripted_model_factory, tmp_path_factory):
+    """mlx_lm.server on a tiny model whose greedy reply to every chat is the lone score "7"."""
+    model = scripted_model_factory({GENERATION_PROMPT: "7"})
+    proc, port, log = start_mlx_server(model, tmp_path_factory.mktemp("srv") / "log")
     yield f"http://127.0.0.1:{port}/v1"
     stop_server(proc, log)
 
 
-def test_mlx_lm_server_plumbing(tiny_server, rubric):
-    backend = OpenAIJudge(tiny_server, "default_model", max_tokens=12, timeout=60, max_retries=1)
+def test_mlx_lm_server_plumbing(scripted_server, rubric):
+    backend = OpenAIJudge(scripted_server, "default_model", max_tokens=12, timeout=60, max_retries=1)
     judge = make_judge_reward(rubric, backend)
     result = RewardSet([judge])(["Q?"] * 3, ["one", "two", "one"])
-    # The random tiny model answers every request (no back-end failure) with unparseable text.
+    # Two distinct pairs, two requests; every reply is "7", a lone score for both criteria.
     assert result.metrics["judge/requests"] == 2.0 and result.metrics["judge/backend_failures"] == 0.0
-    assert all(isinstance(t, str) for t in judge.last_texts)
-    parsed = ~np.isnan(result.per_func["judge"])
-    assert result.metrics["judge/parse_failures"] == float((~parsed).sum())
-    assert np.all((result.per_func["judge"][parsed] >= 0) & (result.per_func["judge"][parsed] <= 1))
+    assert judge.last_texts == ["7"] * 3
+    assert result.metrics["judge/parse_failures"] == 0.0
+    np.testing.assert_allclose(result.per_func["judge"], [combined(7, 7)] * 3, rtol=1e-6)
     again = RewardSet([judge])(["Q?"] * 3, ["one", "two", "one"])
     assert again.metrics["judge/cache_hits"] == 3.0 and again.metrics["judge/requests"] == 0.0
-    np.testing.assert_array_equal(np.isnan(again.total), np.isnan(result.total))
+    np.testing.assert_array_equal(again.total, result.total)
+
+
+def test_mlx_lm_server_unparseable_replies_are_none_and_counted(tiny_model_factory, tmp_path, rubric):
+    """The random tiny model answers (no back-end failure) with text that is no score."""
+    proc, port, log = start_mlx_server(tiny_model_factory("qwen3"), tmp_path / "log")
+    try:
+        backend = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "default_model", max_tokens=12, timeout=60,
+                              max_retries=1)
+        judge = make_judge_reward(rubric, backend)
+        result = RewardSet([judge])(["Q?"] * 3, ["one", "two", "one"])
+    finally:
+        stop_server(proc, log)
+    assert result.metrics["judge/backend_failures"] == 0.0
+    assert len(judge.last_texts) == 3 and all(t and rubric.parse(t) is None for t in judge.last_texts)
+    assert result.metrics["judge/parse_failures"] == 3.0  # per scored row
+    assert np.isnan(result.per_func["judge"]).all()
 
 
 @pytest.mark.slow
@@ -487,4 +508,16 @@ def test_mlx_judge_uses_the_base_model_when_adapters_are_on(tiny_qwen3, rubric):
     judge = make_judge_reward(rubric, MLXJudge(model, tok, max_new_tokens=12))
     result = RewardSet([judge])(["Q?"] * 2, ["a", "b"])
     assert result.metrics["judge/requests"] == 2.0 and result.metrics["judge/backend_failures"] == 0.0
-    assert result.metrics["judge/parse_failures"] == float(np.isnan(result.total).sum())
+    # The random model's replies are no score: both None, both counted.
+    assert result.metrics["judge/parse_failures"] == 2.0 and np.isnan(result.total).all()
+
+
+def test_mlx_judge_scores_parsed_replies(scripted_model_factory, rubric):
+    from mlx_rft.models import load_model
+
+    model, tok = load_model(scripted_model_factory({GENERATION_PROMPT: "7"}))
+    judge = make_judge_reward(rubric, MLXJudge(model, tok, max_new_tokens=12))
+    result = RewardSet([judge])(["Q?"] * 3, ["a", "b", "a"])
+    assert judge.last_texts == ["7"] * 3
+    assert result.metrics["judge/requests"] == 2.0 and result.metrics["judge/parse_failures"] == 0.0
+    np.testing.assert_allclose(result.total, [combined(7, 7)] * 3, rtol=1e-6)

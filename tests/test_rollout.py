@@ -245,17 +245,17 @@ def test_every_eos_id_stops_its_row_and_stays_in_the_mask(tiny):
     # Two extra EOS ids: the 4th token of row 0 and the 7th of row 1 (first occurrences).
     e0 = row0[3]
     e1 = next(t for t in row1[6:] if t not in row1[:6] and t not in row0[:4])
-    cut0 = row0.index(e0) + 1
-    cut1 = row1.index(e1) + 1 if e1 not in row0[:cut0] else None
+    # Each row stops at its first token that is either extra EOS id.
+    cut0 = 1 + min(i for i, t in enumerate(row0) if t in (e0, e1))
+    cut1 = 1 + min(i for i, t in enumerate(row1) if t in (e0, e1))
     tok.eos_token_ids = set(tok.eos_token_ids) | {e0, e1}
     batch = generate_rollouts(model, tok, prompts, 1, cfg)
     assert batch.finish_reasons[0] == "stop"
     assert completion(batch, 0) == row0[:cut0]  # EOS kept in ids and mask
     assert int(batch.completion_mask[0].sum()) == cut0
     assert batch.texts[0] == tok.decode(row0[: cut0 - 1])  # ...but not in the text
-    if cut1 is not None:
-        assert completion(batch, 1) == row1[:cut1]
-        assert batch.finish_reasons[1] == "stop"
+    assert completion(batch, 1) == row1[:cut1]
+    assert batch.finish_reasons[1] == "stop"
     assert batch.completion_ids.shape[1] == max(int(m) for m in batch.lengths.tolist())
 
 
@@ -436,7 +436,10 @@ def test_default_model_greedy_matches_mlx_lm_and_logprobs_match_teacher_forcing(
         got = completion(greedy, 2 * b)
         assert got == ref
         if greedy.finish_reasons[2 * b] == "stop":
-            assert got[-1] in tok.eos_token_ids
+            assert got[-1] in tok.eos_token_ids and not set(got[:-1]) & set(tok.eos_token_ids)
+        else:
+            assert greedy.finish_reasons[2 * b] == "length" and len(got) == 32
+            assert not set(got) & set(tok.eos_token_ids)
         assert completion(greedy, 2 * b + 1) == completion(greedy, 2 * b)
     T = 0.7
     cfg = SamplingConfig(temperature=T, max_new_tokens=24)
