@@ -9,11 +9,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_rft.config import GRPOConfig
 from mlx_rft.errors import MlxRftError
 from mlx_rft.models import load_model
+from mlx_rft.policy.adapters import adapters_disabled, adapters_fused
 from mlx_rft.train import checkpoint as ckpt
 from mlx_rft.train.optim import build_optimizer, build_schedule
-from mlx_rft.train.policy import (
-    adapter_config, adapters_disabled, adapters_fused, count_parameters, setup_trainable,
-)
+from mlx_rft.train.policy import adapter_config, count_parameters, setup_trainable
 
 
 def _train_one_step(model, optimizer, seed=0):

@@ -276,7 +276,7 @@ class MLXJudge:
         prompt_ids = [self._encode(m) for m in messages_batch]
         self.stats["requests"] += len(prompt_ids)
         if self.disable_adapters:
-            from ..train.policy import adapters_disabled
+            from ..policy.adapters import adapters_disabled
 
             with adapters_disabled(self.model):
                 return self._generate(prompt_ids)

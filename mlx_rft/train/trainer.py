@@ -29,14 +29,13 @@ from mlx.utils import tree_flatten, tree_map
 from ..config import GRPOConfig, save_config
 from ..errors import MlxRftError
 from ..evaluate import columns_per_row
+from ..policy.adapters import adapters_fused
 from ..types import PromptExample, RolloutBatch, SamplingConfig
 from . import checkpoint as ckpt
 from .metrics import build_reporters, format_step_line, write_report
 from .optim import CompiledApply, build_optimizer, squared_distance
 from .distributed import init_world
-from .policy import (
-    ReferencePolicy, adapter_config, adapters_fused, count_parameters, setup_trainable,
-)
+from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
 
 
 # LossStats fields -> metric names (the health monitor reads clip/region_frac).
