@@ -32,48 +32,131 @@ def make_cfg(model_dir, out, **kw):
     return GRPOConfig(**base)
 
 
-def test_learns_on_held_out_prompts(tiny_qwen3, tmp_path):
-    cfg = make_cfg(tiny_qwen3, tmp_path, num_steps=30, group_size=8, max_new_tokens=12, eval_size=16,
-                   eval_k=4, eval_temperature=1.0)
-    res = GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS).train()
+def copy_target(prompt: str) -> str:
+    return re.search(r"copy (\d)", prompt).group(1)
+
+
+DIGITS = "37"
+
+
+def copy_score(prompts, completions, **columns):
+    """Share of the completion's characters that are the digit the prompt asks to copy, minus the
+    share that are the other digit (so a wrong copy costs what a right one earns)."""
+    out = []
+    for p, c in zip(prompts, completions):
+        want = copy_target(p)
+        right = sum(ch == want for ch in c)
+        wrong = sum(ch in DIGITS and ch != want for ch in c)
+        out.append((right - wrong) / max(len(c), 1))
+    return out
+
+
+def copy_rows(numbers):
+    return [{"prompt": f"Question {i}: copy {' '.join([d] * 6)}"} for i in numbers for d in DIGITS]
+
+
+def best_constant_score(rows) -> float:
+    """The best mean copy_score one fixed completion gets on `rows`. With digit shares s_d summing
+    to S <= 1 and target frequencies p_d it is sum_d p_d (2 s_d - S) <= S (2 max p - 1), so
+    max(0, 2 max p - 1): 0 on a balanced set (e.g. an empty answer)."""
+    targets = [copy_target(r["prompt"]) for r in rows]
+    return max(0.0, 2 * max(targets.count(d) for d in DIGITS) / len(targets) - 1)
+
+
+def test_learns_to_copy_on_held_out_prompts(tiny_qwen3, tmp_path):
+    """The reward depends on the prompt, so the held-out score beats every constant answer only
+    when the policy reads the prompt."""
+    held_out = copy_rows(range(100, 108))
+    cfg = make_cfg(tiny_qwen3, tmp_path, num_steps=60, finetune_type="full", learning_rate=3e-4,
+                   group_size=8, prompts_per_step=8, max_new_tokens=8)
+    res = GRPOTrainer(cfg, reward_funcs=[copy_score], train_dataset=copy_rows(range(60)),
+                      eval_dataset=held_out).train()
     before, after = res.eval_before["eval/accuracy"], res.eval_after["eval/accuracy"]
-    assert after > before + 0.3, (before, after)
-    assert "eval/pass@4" in res.eval_after
-    # Everything the run promises is on disk.
+    best = best_constant_score(held_out)
+    assert best == 0.0 and before <= best
+    assert after > best + 0.4, (before, after)
+
+
+def test_a_run_writes_what_it_promises(tiny_qwen3, tmp_path):
+    cfg = make_cfg(tiny_qwen3, tmp_path, num_steps=3, eval_k=4, eval_temperature=1.0, sample_every=2)
+    res = GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS).train()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
-    assert len(steps) == 30
+    assert [x["step"] for x in steps] == [1, 2, 3]
     for key in ("reward/mean", "rewards/digit_share/mean", "frac_zero_std_groups", "clip/region_frac",
                 "completion/mean_length", "time/generate", "time/update", "memory/peak_gb", "update_norm"):
         assert key in steps[-1], key
-    assert (tmp_path / "report.html").read_text().count("<svg") >= 4
-    assert (tmp_path / "rollouts.jsonl").read_text().strip()
-    assert (tmp_path / "checkpoints" / "step-0000030" / "adapters.safetensors").exists()
+    # The eval lines of metrics.jsonl carry the same numbers as the result.
+    evals = [x for x in lines if "eval/accuracy" in x]
+    assert [x["step"] for x in evals] == [0, 3]
+    assert evals[0]["eval/pass@4"] == res.eval_before["eval/pass@4"]
+    assert evals[1]["eval/accuracy"] == res.eval_after["eval/accuracy"]
+    assert 0.0 <= res.eval_after["eval/accuracy"] <= 1.0 and 0.0 <= res.eval_after["eval/pass@4"] <= 1.0
+    # Rollouts at step 1 and every sample_every steps: one line per completion, its reward recomputed.
+    rollouts = [json.loads(x) for x in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rollouts}) == [1, 2] and len(rollouts) == 2 * 16
+    for r in rollouts:
+        assert r["reward"] == pytest.approx(digit_share([r["prompt"]], [r["completion"]])[0], abs=1e-6)
+    assert (tmp_path / "checkpoints" / "step-0000003" / "adapters.safetensors").exists()
+    charts = report_charts(tmp_path / "report.html")
+    assert len(charts["reward (mean)"]) == 3 and len(charts["loss"]) == 3
+
+
+def report_charts(path) -> dict[str, list[tuple[float, float]]]:
+    """Chart title -> the plotted points (SVG coordinates) of report.html."""
+    page = path.read_text()
+    out = {}
+    for title, svg in re.findall(r"<h3>(.*?)</h3>(.*?)</div>", page, re.S):
+        out[title] = [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', svg)]
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="trainer.py leaves eval_before out of the history that "
+                   "write_report plots: the eval panel has no step-0 point")
+def test_report_eval_panel_has_the_before_and_after_points(tiny_qwen3, tmp_path):
+    cfg = make_cfg(tiny_qwen3, tmp_path, num_steps=2, eval_size=4)
+    GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS).train()
+    assert len(report_charts(tmp_path / "report.html")["eval accuracy"]) == 2
+
+
+def initial_state(model_dir, out, **kw):
+    """The trainable weights as set up before any update: one SGD step with no signal (zero
+    gradient) leaves them as initialised (the LoRA init depends on the seed only)."""
+    def constant(prompts, completions, **columns):
+        return [1.0] * len(completions)
+
+    kw = {**kw, "num_steps": 1, "optimizer": "sgd", "learning_rate": 0.5}
+    t = GRPOTrainer(make_cfg(model_dir, out, **kw), reward_funcs=[constant], train_dataset=ROWS)
+    t.train()
+    return _final_state(t)
 
 
 @pytest.mark.parametrize("finetune_type", ["lora", "full"])
 def test_every_trainable_parameter_moves_and_frozen_ones_do_not(tiny_model_factory, tmp_path, finetune_type):
     path = tiny_model_factory("llama")
-    cfg = make_cfg(path, tmp_path, num_steps=2, finetune_type=finetune_type, learning_rate=1e-2,
-                   freeze=["embed_tokens"] if finetune_type == "full" else [])
+    kw = dict(finetune_type=finetune_type, freeze=["embed_tokens"] if finetune_type == "full" else [])
+    init = initial_state(path, tmp_path / "init", **kw)
+    cfg = make_cfg(path, tmp_path / "run", num_steps=2, learning_rate=1e-2, **kw)
     trainer = GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS)
     base, _ = load_model(path)
     base_params = dict(tree_flatten(base.parameters()))
     trainer.train()
     trainable = dict(tree_flatten(trainer.model.trainable_parameters()))
-    assert trainable
+    assert trainable and set(trainable) == set(init)
+    names = set()
     for name, value in tree_flatten(trainer.model.parameters()):
         if name in trainable:
-            ref = base_params.get(name)
-            if ref is None:  # a LoRA matrix: lora_b starts at zero, lora_a random
-                assert name.endswith(("lora_a", "lora_b"))
-                if name.endswith("lora_b"):
-                    assert mx.abs(value).max().item() > 0, name
-                continue
-            assert not mx.array_equal(value, ref), f"{name} did not move"
+            names.add(name.rsplit(".", 1)[-1])
+            if name.endswith("lora_b"):  # starts at zero
+                assert not init[name].any(), name
+            elif name in base_params:  # full fine-tuning starts from the base weights
+                np.testing.assert_array_equal(init[name], np.array(base_params[name]), err_msg=name)
+            assert not np.array_equal(np.array(value), init[name]), f"{name} did not move"
         else:
             key = name.replace(".linear.", ".")
             assert mx.array_equal(value, base_params[key]), f"frozen {name} moved"
+    if finetune_type == "lora":
+        assert names == {"lora_a", "lora_b"}
 
 
 def _final_state(trainer):
@@ -81,18 +164,19 @@ def _final_state(trainer):
 
 
 def test_gradient_accumulation_is_exact(tiny_qwen3, tmp_path):
+    """Two SGD steps (the second one moves lora_a too: its gradient is 0 while lora_b is 0)."""
+    init = initial_state(tiny_qwen3, tmp_path / "init")
     results = []
     for ga in (1, 2):
-        cfg = make_cfg(tiny_qwen3, tmp_path / f"ga{ga}", num_steps=1, gradient_accumulation_steps=ga,
+        cfg = make_cfg(tiny_qwen3, tmp_path / f"ga{ga}", num_steps=2, gradient_accumulation_steps=ga,
                        optimizer="sgd", learning_rate=0.5)
         t = GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS)
         t.train()
         results.append(_final_state(t))
-    moved = 0
+    assert set(results[0]) == set(init)
     for k in results[0]:
         np.testing.assert_allclose(results[0][k], results[1][k], atol=2e-6, err_msg=k)
-        moved += np.abs(results[0][k]).sum() > 0
-    assert moved
+        assert np.abs(results[0][k] - init[k]).max() > 1e-6, f"{k} did not move"
 
 
 @pytest.mark.parametrize("finetune_type", ["full", "lora"])
