@@ -18,12 +18,10 @@ from typing import Any
 
 from .errors import MlxRftError
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 FINETUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "muon")
 SCHEDULES = ("constant", "cosine", "linear")
 SCALE_REWARDS = ("group", "batch", "none")
-IS_LEVELS = ("token", "sequence")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 
 
@@ -42,7 +40,7 @@ class GRPOConfig:
     lora_rank: int = _f(16, "LoRA rank r")
     lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / rank")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
-    lora_layers: int = _f(-1, "number of final transformer blocks that get adapters (-1 = all)")
+    lora_layers: int = _f(-1, "number of final transformer blocks that get adapters (-1 = all, else >= 1)")
     lora_keys: list[str] = _f(
         [], "module paths inside a block to adapt, e.g. self_attn.q_proj (empty = all linear layers)"
     )
@@ -71,6 +69,14 @@ class GRPOConfig:
     )
     reward_weights: list[float] = _f([], "one weight per reward function (empty = all 1.0)")
     reward_on_error: str = _f("raise", "raise | none: a reward that raises aborts the run or scores None")
+    reward_timeout: float = _f(
+        300.0, "seconds one reward function may take on one step's completions; past it the "
+        "step stops with an error (reward_on_error none: its rows score None) (0 = no limit)"
+    )
+    max_unscored_steps: int = _f(
+        1, "stop the run when this many steps in a row have no completion any reward could "
+        "score (0 = never stop)"
+    )
 
     # --- generation ---
     prompts_per_step: int = _f(4, "prompts per optimizer step (B)")
@@ -130,7 +136,11 @@ class GRPOConfig:
     output_dir: str = _f("runs/default", "run folder: checkpoints, metrics, config, report")
     save_every: int = _f(20, "checkpoint every N steps (and always at the end)")
     keep_last: int = _f(2, "keep only the newest K checkpoints")
-    resume: str | None = _f(None, "continue from 'latest' or a checkpoint folder")
+    resume: str | None = _f(
+        None, "continue a run: 'latest' (its newest checkpoint), 'auto' (the newest checkpoint if "
+        "there is one, else start fresh), or a checkpoint folder"
+    )
+    overwrite: bool = _f(False, "replace the run already in output_dir (its checkpoints and logs)")
     log_every: int = _f(1, "print a metrics line every N steps")
     sample_every: int = _f(5, "write sample completions to rollouts.jsonl every N steps")
     report_to: list[str] = _f(["jsonl"], "jsonl | tensorboard | wandb (jsonl is always written)")
@@ -154,20 +164,27 @@ class GRPOConfig:
             need(value in options, f"{name}={value!r} is not valid; choose one of {', '.join(options)}")
 
         choice("finetune_type", FINETUNE_TYPES)
-        choice("loss_type", LOSS_TYPES)
-        choice("importance_sampling_level", IS_LEVELS)
-        choice("scale_rewards", SCALE_REWARDS)
         choice("optimizer", OPTIMIZERS)
         choice("lr_schedule", SCHEDULES)
+        choice("scale_rewards", SCALE_REWARDS)
         choice("on_bad_row", ("error", "skip"))
         choice("on_long_prompt", ("error", "skip", "truncate"))
+        choice("reward_on_error", ("raise", "none"))
         for opt in self.task_options:
             need("=" in opt, f"task option {opt!r} must look like key=value")
-        choice("reward_on_error", ("raise", "none"))
         for r in self.report_to:
             need(r in REPORTERS, f"report_to has {r!r}; choose from {', '.join(REPORTERS)}")
         if self.dtype is not None:
             choice("dtype", ("float32", "bfloat16", "float16"))
+        for name in (
+            "learning_rate", "lora_alpha", "lora_dropout", "weight_decay", "max_grad_norm",
+            "reward_timeout", "eval_temperature", "epsilon", "temperature", "beta",
+        ):
+            value = getattr(self, name)
+            need(
+                isinstance(value, (int, float)) and math.isfinite(value),
+                f"{name}={value!r} must be a finite number",
+            )
         need(
             self.group_size >= 2,
             f"group_size={self.group_size}: group-relative advantages need at least 2 completions "
@@ -187,32 +204,36 @@ class GRPOConfig:
             "recomputes each block and would draw different dropout masks; set lora_dropout 0 or "
             "turn gradient_checkpointing off",
         )
-        need(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be >= 1")
         need(self.temperature > 0, f"temperature={self.temperature}: training needs sampling; use > 0")
-        need(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
-        need(0 <= self.min_p < 1, f"min_p={self.min_p} must be in [0, 1)")
-        need(self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)")
-        need(self.epsilon > 0, f"epsilon={self.epsilon} must be > 0")
-        need(
-            self.epsilon_high is None or self.epsilon_high > 0,
-            f"epsilon_high={self.epsilon_high} must be > 0 (or empty to use epsilon)",
-        )
-        need(self.delta is None or self.delta > 1, f"delta={self.delta} must be > 1 (or empty)")
-        need(self.beta >= 0, f"beta={self.beta} must be >= 0")
+        self.sampling_config()  # the sampling rules (shared with eval and generate)
+        self.loss_config()  # the loss rules (epsilon, delta, beta, levels, entropy quantile)
         need(
             not (self.beta > 0 and self.finetune_type == "dora"),
             "beta > 0 with finetune_type=dora is not supported (DoRA has no adapter-free "
             "reference without a second model copy); use lora or full, or beta=0",
         )
         need(
-            0 < self.top_entropy_quantile <= 1,
-            f"top_entropy_quantile={self.top_entropy_quantile} must be in (0, 1]",
+            self.top_entropy_quantile > 0,
+            f"top_entropy_quantile={self.top_entropy_quantile} must be in (0, 1]: 0 trains on no token",
         )
+        need(self.eval_temperature >= 0, f"eval_temperature={self.eval_temperature} must be >= 0")
         need(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1")
         need(self.num_steps >= 1, f"num_steps={self.num_steps} must be >= 1")
         need(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
         need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        need(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 = off)")
         need(self.lora_rank >= 1, f"lora_rank={self.lora_rank} must be >= 1")
+        need(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be > 0")
+        need(
+            0 <= self.lora_dropout < 1,
+            f"lora_dropout={self.lora_dropout} must be in [0, 1): 1 would drop every input",
+        )
+        need(
+            self.lora_layers == -1 or self.lora_layers >= 1,
+            f"lora_layers={self.lora_layers}: give the number of final blocks to adapt (>= 1), "
+            "or -1 for all of them",
+        )
         need(self.quantize_bits in (0, 4, 8), f"quantize_bits={self.quantize_bits}: use 0, 4 or 8")
         need(
             not (self.quantize_bits and self.finetune_type == "full"),
@@ -224,16 +245,55 @@ class GRPOConfig:
             f"{len(self.reward_weights)} reward_weights for {len(self.reward_funcs)} reward_funcs; "
             "give one weight per function or none",
         )
+        need(
+            all(math.isfinite(w) for w in self.reward_weights),
+            f"reward_weights={self.reward_weights} must be finite numbers",
+        )
+        need(self.reward_timeout >= 0, f"reward_timeout={self.reward_timeout} must be >= 0 (0 = no limit)")
+        need(self.max_unscored_steps >= 0, f"max_unscored_steps={self.max_unscored_steps} must be >= 0")
+        need(self.task_size >= 1, f"task_size={self.task_size} must be >= 1")
+        need(self.eval_size >= 1, f"eval_size={self.eval_size} must be >= 1")
+        need(self.max_prompt_length >= 1, f"max_prompt_length={self.max_prompt_length} must be >= 1")
         need(self.eval_k >= 1, f"eval_k={self.eval_k} must be >= 1")
+        need(self.eval_every >= 0, f"eval_every={self.eval_every} must be >= 0 (0 = off)")
         need(self.save_every >= 1, f"save_every={self.save_every} must be >= 1")
         need(self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1")
+        need(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        need(self.sample_every >= 0, f"sample_every={self.sample_every} must be >= 0 (0 = off)")
         need(
             self.task is None or self.train_file is None,
             "give either --task or --train-file, not both",
         )
-        for name in ("learning_rate", "epsilon", "temperature", "beta"):
-            need(math.isfinite(getattr(self, name)), f"{name} must be a finite number")
+        need(
+            not (self.resume and self.overwrite),
+            f"resume={self.resume!r} with overwrite: pick one (continue the run, or replace it)",
+        )
+        need(
+            self.resume is None or self.resume.strip() != "",
+            "resume is empty; use 'latest', 'auto' or a checkpoint folder",
+        )
+        need(bool(str(self.output_dir).strip()), "output_dir is empty; name a run folder")
         return self
+
+    def sampling_config(self):
+        """The rollout sampling settings (validated: the rules shared with eval and generate)."""
+        from .types import SamplingConfig
+
+        return SamplingConfig(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
+            stop=list(self.stop), include_stop=self.include_stop,
+        ).validate()
+
+    def loss_config(self):
+        """The loss settings; `LossConfig` owns the rules of its fields."""
+        from .algo.losses import LossConfig
+
+        return LossConfig(
+            loss_type=self.loss_type, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
+            delta=self.delta, beta=self.beta, importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_new_tokens, top_entropy_quantile=self.top_entropy_quantile,
+        )
 
     def task_kwargs(self) -> dict[str, Any]:
         """task_options parsed as key=value, values read as YAML scalars (numbers, booleans)."""
@@ -264,9 +324,18 @@ def _base_type(tp: Any) -> tuple[type, bool]:
     return tp, False
 
 
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
 def _fields() -> list[tuple[dataclasses.Field, type, bool]]:
     hints = typing.get_type_hints(GRPOConfig)
     return [(f, *_base_type(hints[f.name])) for f in dataclasses.fields(GRPOConfig)]
+
+
+def _optional_fields() -> set[str]:
+    hints = typing.get_type_hints(GRPOConfig)
+    return {f.name for f in dataclasses.fields(GRPOConfig) if _optional(hints[f.name])}
 
 
 def _parse_bool(text: str) -> bool:
@@ -278,20 +347,33 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+class _Once(argparse.Action):
+    """Store a flag's value, refusing a second occurrence (argparse would keep only the last, so
+    e.g. `--reward-funcs a --reward-funcs b` would silently drop `a`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            hint = " (list every value after one flag)" if self.nargs == "*" else ""
+            parser.error(f"{option_string} given twice{hint}")
+        setattr(namespace, self.dest, values)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (--field-name); every default is None so 'not given' is visible."""
-    parser.add_argument("--config", "-c", default=None, help="YAML file with config fields")
+    parser.add_argument("--config", "-c", default=None, action=_Once, help="YAML file with config fields")
     for f, base, is_list in _fields():
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text += f" (default: {default!r})"
         if base is bool:
-            parser.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=help_text)
+            parser.add_argument(
+                flag, type=_parse_bool, default=None, metavar="BOOL", action=_Once, help=help_text
+            )
         elif is_list:
-            parser.add_argument(flag, type=base, nargs="*", default=None, help=help_text)
+            parser.add_argument(flag, type=base, nargs="*", default=None, action=_Once, help=help_text)
         else:
-            parser.add_argument(flag, type=base, default=None, help=help_text)
+            parser.add_argument(flag, type=base, default=None, action=_Once, help=help_text)
 
 
 def _coerce(name: str, value: Any, base: type, is_list: bool) -> Any:
@@ -338,16 +420,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def build_config(overrides: dict[str, Any] | None = None, yaml_path: str | None = None) -> GRPOConfig:
     """Defaults < YAML < overrides (e.g. parsed CLI flags with None meaning 'not given')."""
     known = {f.name: (base, is_list) for f, base, is_list in _fields()}
+    optional = _optional_fields()
     values: dict[str, Any] = {}
-    sources = [load_yaml(yaml_path)] if yaml_path else []
-    sources.append({k: v for k, v in (overrides or {}).items() if v is not None})
-    for source in sources:
+    sources = [(load_yaml(yaml_path), str(yaml_path))] if yaml_path else []
+    sources.append(({k: v for k, v in (overrides or {}).items() if v is not None}, "flags"))
+    for source, where in sources:
         for key, value in source.items():
-            key = key.replace("-", "_")
+            key = str(key).replace("-", "_")
             if key not in known:
                 close = [k for k in known if k.startswith(key[:4])]
                 hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
                 raise MlxRftError(f"unknown config field {key!r}{hint}; see `mlx-rft train --help`")
+            if value is None and key not in optional:
+                raise MlxRftError(
+                    f"config field {key!r} is empty (null) in {where}; give it a value or delete the line"
+                )
             values[key] = _coerce(key, value, *known[key])
     return GRPOConfig(**values)
 

@@ -11,6 +11,7 @@ JSONL and CSV are read with the standard library (fast, no extra dependency); Pa
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -55,21 +56,42 @@ class RawRow:
     value: Any  # the parsed object (a dict when well formed), or a BadRow when it did not parse
 
 
+def _not_utf8(e: UnicodeDecodeError) -> BadRow:
+    return BadRow(f"is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start})")
+
+
 def _jsonl_rows(path: Path) -> Iterator[RawRow]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decoded line by line, so one bad line is one bad row
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawRow(where, _not_utf8(e))
+                continue
             if not line.strip():
                 continue  # blank lines (often a trailing newline) are not rows
-            where = f"{path}:{lineno}"
             try:
                 yield RawRow(where, json.loads(line))
             except json.JSONDecodeError as e:
                 yield RawRow(where, BadRow(f"invalid JSON ({e.msg} at column {e.colno})"))
 
 
+def _read_text(path: Path) -> str:
+    """A whole-file format's text; a file that is not UTF-8 is unusable as a whole."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise MlxRftError(
+            f"{path}:{line}: the file is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}); "
+            "re-save it as UTF-8"
+        ) from None
+
+
 def _json_rows(path: Path) -> Iterator[RawRow]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         # The whole file is unusable, so this is an error even with on_bad_row="skip".
         raise MlxRftError(
@@ -88,7 +110,7 @@ def _json_rows(path: Path) -> Iterator[RawRow]:
 
 
 def _csv_rows(path: Path, delimiter: str) -> Iterator[RawRow]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with io.StringIO(_read_text(path), newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader)
@@ -145,6 +167,8 @@ def _parquet_rows(path: Path) -> Iterator[RawRow]:
 def read_raw_rows(path: str | Path) -> Iterator[RawRow]:
     """Records of a JSONL / JSON / CSV / TSV / Parquet file (chosen by suffix), unvalidated."""
     path = Path(path)
+    if path.is_dir():
+        raise MlxRftError(f"data file {str(path)!r} is a directory; pass a .jsonl/.json/.csv/.parquet file")
     if not path.is_file():
         raise MlxRftError(f"data file {str(path)!r} does not exist; pass a .jsonl/.json/.csv/.parquet file")
     fmt = FORMATS.get(path.suffix.lower())
@@ -289,6 +313,16 @@ class PromptDataset(Sequence[PromptExample]):
         )
 
 
+# No tokenizer makes tokens longer than this many characters on average over a whole prompt.
+CHARS_PER_TOKEN_MAX = 64
+
+
+def _chars(content: list[dict[str, str]] | str) -> int:
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(str(m.get("content", ""))) for m in content)
+
+
 def _build(
     raw_rows: Iterable[RawRow],
     tokenizer,
@@ -324,6 +358,20 @@ def _build(
                     "on_bad_row='skip'"
                 ) from None
             ds.skipped_bad += 1
+            skip(raw.where)
+            continue
+        if (
+            max_prompt_length is not None and on_long_prompt != "truncate"
+            and _chars(content) > CHARS_PER_TOKEN_MAX * max_prompt_length
+        ):
+            # Far too long to fit whatever the tokenizer does: say so without tokenizing it all.
+            if on_long_prompt == "error":
+                raise MlxRftError(
+                    f"{raw.where}: the prompt has {_chars(content):,} characters, far over "
+                    f"max_prompt_length={max_prompt_length} tokens; shorten it, or set "
+                    "on_long_prompt to 'skip' or 'truncate'"
+                )
+            ds.skipped_long += 1
             skip(raw.where)
             continue
         text, ids = render_prompt(

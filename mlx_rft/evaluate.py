@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Sequence
 
@@ -37,19 +38,24 @@ def evaluate_prompts(
     batch_rows: int = 64,
 ) -> dict[str, float]:
     """Mean score of `reward_set` over k samples per prompt, and pass@k (a sample is correct when
-    its score is >= 1). k = 1 with temperature 0 is greedy pass@1."""
+    its score is >= 1). k = 1 with temperature 0 is greedy pass@1.
+
+    A sample no reward could score counts as 0 in the mean and is counted in `eval/unscored`, so
+    an unscorable eval set is visible as such rather than as a bad model."""
     from .rollout import generate_rollouts
 
     scores, t0 = [], time.perf_counter()
+    unscored = 0
     per_call = max(1, batch_rows // k)
     for i in range(0, len(examples), per_call):
         chunk = list(examples[i : i + per_call])
         ro = generate_rollouts(model, tokenizer, [e.prompt_ids for e in chunk], k, sampling, seed=seed + i)
         prompts = [e.prompt for e in chunk for _ in range(k)]
         result = reward_set(prompts, ro.texts, columns_per_row(chunk, k))
+        unscored += result.num_unscored
         scores.append(np.nan_to_num(np.asarray(result.total, dtype=np.float64), nan=0.0))
     s = np.concatenate(scores).reshape(-1, k)
-    out = {"eval/accuracy": float(s.mean()), "eval/time": time.perf_counter() - t0}
+    out = {"eval/accuracy": float(s.mean()), "eval/unscored": float(unscored), "eval/time": time.perf_counter() - t0}
     if k > 1:
         correct = (s >= 1.0 - 1e-6).sum(axis=1)
         out[f"eval/pass@{k}"] = float(np.mean([pass_at_k(k, int(c), k) for c in correct]))
@@ -78,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--system-prompt", default=None, help="system message (default: the task's)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and the task's held-out split")
+    p.add_argument(
+        "--reward-timeout", type=float, default=300.0,
+        help="seconds the scoring reward may take per batch (0 = no limit)",
+    )
     return p
 
 
@@ -89,8 +99,18 @@ def main(argv: list[str] | None = None) -> None:
     from .rewards import RewardSet, resolve_reward
     from .tasks import DEFAULT_TASK, load_task
 
+    if args.limit < 1:
+        raise MlxRftError(f"--limit {args.limit}: score at least one prompt (--limit 1 or more)")
+    if args.k < 1:
+        raise MlxRftError(f"--k {args.k}: take at least one sample per prompt")
     if args.k > 1 and args.temperature <= 0:
         raise MlxRftError(f"--k {args.k} needs sampling; pass --temperature > 0 (e.g. 1.0)")
+    if not args.reward_timeout >= 0:
+        raise MlxRftError(f"--reward-timeout {args.reward_timeout} must be >= 0 (0 = no limit)")
+    sampling = SamplingConfig(
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, stop=list(args.stop),
+        include_stop=True,
+    ).validate()  # the same sampling rules as training, before the model loads
     model, tokenizer = load_model(args.model, adapter_path=args.adapter_path)
     if args.data:
         if not args.reward_funcs:
@@ -104,12 +124,13 @@ def main(argv: list[str] | None = None) -> None:
         data = PromptDataset.from_rows(rows, tokenizer, system_prompt=system)
         funcs = list(task.reward_funcs)
     examples = list(data)[: args.limit]
-    sampling = SamplingConfig(
-        temperature=args.temperature, max_new_tokens=args.max_new_tokens, stop=list(args.stop),
-        include_stop=True,
-    )
     out = evaluate_prompts(
-        model, tokenizer, examples, RewardSet(funcs[:1], on_error="none"),
+        model, tokenizer, examples, RewardSet(funcs[:1], on_error="none", timeout=args.reward_timeout),
         k=args.k, sampling=sampling, seed=args.seed,
     )
     print(json.dumps({"prompts": len(examples), **out}, indent=2))
+    if out["eval/unscored"]:
+        print(
+            f"warning: {out['eval/unscored']:.0f} of {len(examples) * args.k} samples could not be "
+            "scored and count as 0", file=sys.stderr,
+        )

@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from .types import SamplingConfig
+
+    # The same sampling rules as training, checked before the model loads.
+    SamplingConfig(
+        temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_tokens,
+    ).validate()
     import mlx.core as mx
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_logits_processors, make_sampler

@@ -6,10 +6,13 @@ Row n belongs to prompt n // G (groups are contiguous).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+
+from .errors import MlxRftError
 
 
 @dataclass
@@ -29,6 +32,40 @@ class SamplingConfig:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     include_stop: bool = False  # keep the matched stop string at the end of the text
+
+    def validate(self) -> SamplingConfig:
+        """The one set of sampling rules (train, eval and generate): raise naming the bad field."""
+
+        def bad(name: str, value, rule: str):
+            raise MlxRftError(f"sampling {name}={value!r} is invalid; set it {rule}")
+
+        def real(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not (real(self.temperature) and self.temperature >= 0):
+            bad("temperature", self.temperature, "to a finite value >= 0 (0 = greedy)")
+        if not (real(self.top_p) and 0 < self.top_p <= 1):
+            bad("top_p", self.top_p, "in (0, 1] (1 = off)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", self.top_k, "to an integer >= 0 (0 = off)")
+        if not (real(self.min_p) and 0 <= self.min_p < 1):
+            bad("min_p", self.min_p, "in [0, 1) (0 = off)")
+        if not (real(self.xtc_probability) and 0 <= self.xtc_probability <= 1):
+            bad("xtc_probability", self.xtc_probability, "in [0, 1] (0 = off)")
+        if not (real(self.xtc_threshold) and 0 <= self.xtc_threshold <= 0.5):
+            bad("xtc_threshold", self.xtc_threshold, "in [0, 0.5]")
+        if not (real(self.repetition_penalty) and self.repetition_penalty > 0):
+            bad("repetition_penalty", self.repetition_penalty, "to a finite value > 0 (1 = off)")
+        if not isinstance(self.repetition_context_size, int) or self.repetition_context_size < 1:
+            bad("repetition_context_size", self.repetition_context_size, "to an integer >= 1")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not real(getattr(self, name)):
+                bad(name, getattr(self, name), "to a finite value (0 = off)")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad("max_new_tokens", self.max_new_tokens, "to an integer >= 1")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", self.stop, "to a list of non-empty strings")
+        return self
 
 
 @dataclass

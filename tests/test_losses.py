@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_rft.algo.logprobs import sequence_logprobs
 from mlx_rft.algo.losses import (
     LOSSES,
     LossConfig,
@@ -20,6 +19,7 @@ from mlx_rft.algo.losses import (
     mask_truncated_completions,
 )
 from mlx_rft.errors import MlxRftError
+from mlx_rft.policy.logprobs import sequence_logprobs
 
 N, T = 6, 8
 LENGTHS = [8, 5, 1, 0, 3, 8]  # includes an empty row (e.g. a truncated completion masked out)
@@ -491,7 +491,7 @@ def test_config_and_input_errors():
         LossConfig(importance_sampling_level="sentence")
     with pytest.raises(MlxRftError, match="max_completion_length"):
         LossConfig(loss_type="dr_grpo")
-    with pytest.raises(MlxRftError, match="delta must be > 1"):
+    with pytest.raises(MlxRftError, match="delta=0.9 must be > 1"):
         LossConfig(delta=0.9)
     with pytest.raises(MlxRftError, match="top_entropy_quantile"):
         LossConfig(top_entropy_quantile=1.5)

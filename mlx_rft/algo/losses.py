@@ -69,28 +69,28 @@ class LossConfig:
     def __post_init__(self):
         if self.loss_type not in LOSSES:
             raise MlxRftError(
-                f"unknown loss_type {self.loss_type!r}; choose one of {', '.join(LOSSES)}"
+                f"loss_type={self.loss_type!r} is not valid; choose one of {', '.join(LOSSES)}"
             )
         if self.importance_sampling_level not in IMPORTANCE_LEVELS:
             raise MlxRftError(
-                f"unknown importance_sampling_level {self.importance_sampling_level!r}; choose "
-                f"one of {', '.join(IMPORTANCE_LEVELS)}"
+                f"importance_sampling_level={self.importance_sampling_level!r} is not valid; "
+                f"choose one of {', '.join(IMPORTANCE_LEVELS)}"
             )
         if not 0 <= self.epsilon < 1:
-            raise MlxRftError(f"epsilon must be in [0, 1), got {self.epsilon}")
+            raise MlxRftError(f"epsilon={self.epsilon} must be in [0, 1): the lower clip is ratio >= 1 - epsilon")
         if not self.eps_high >= 0:
-            raise MlxRftError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+            raise MlxRftError(f"epsilon_high={self.epsilon_high} must be >= 0 (or empty to use epsilon)")
         if self.delta is not None and not self.delta > 1:
             raise MlxRftError(
-                f"delta must be > 1 (a cap on the probability ratio; INTELLECT-2 uses 4), got "
-                f"{self.delta}; or leave it unset"
+                f"delta={self.delta} must be > 1 (a cap on the probability ratio; INTELLECT-2 "
+                "uses 4), or leave it unset"
             )
         if not self.beta >= 0:
-            raise MlxRftError(f"beta must be >= 0, got {self.beta}")
+            raise MlxRftError(f"beta={self.beta} must be >= 0")
         if not 0 <= self.top_entropy_quantile <= 1:
             raise MlxRftError(
-                f"top_entropy_quantile must be in [0, 1] (1 keeps every token), got "
-                f"{self.top_entropy_quantile}"
+                f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 keeps "
+                "every token)"
             )
         if self.loss_type == "dr_grpo" and not (self.max_completion_length or 0) > 0:
             raise MlxRftError(

@@ -10,19 +10,21 @@ A reward function is `f(prompts, completions, **columns) -> list[float | None]`,
   It may instead return a `RewardOutput` (scores plus per-row sub-scores and scalar metrics, e.g.
   an LLM judge's per-criterion scores) or a mapping `{"score": [...], "<detail>": [...]}`.
 
-`RewardSet` runs every function once per batch (async ones concurrently), checks the shapes,
-turns exceptions into errors that name the function and the row, and returns a `RewardResult`
-that carries everything the step's metrics need, so nothing is ever scored twice.
+`RewardSet` runs every function once per batch (async ones concurrently) under a time limit,
+checks the shapes, turns exceptions into errors that name the function and the row, and returns a
+`RewardResult` that carries everything the step's metrics need, so nothing is ever scored twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import math
 import re
+import signal
 import sys
 import threading
 import time
@@ -46,11 +48,13 @@ class RewardOutput:
     scores: N values, None where the function cannot score the row.
     details: name -> N values (None allowed), e.g. a judge's per-criterion scores in [0, 1].
     metrics: name -> scalar for this batch, e.g. {"parse_failures": 3.0}.
+    reason: why rows are None, when the function knows (e.g. "judge server unreachable: ...").
     """
 
     scores: list[float | None]
     details: dict[str, list[float | None]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None
 
 
 @dataclass
@@ -61,9 +65,11 @@ class RewardResult:
     per_func: function name -> [N] float64 raw (unweighted) scores, NaN where it returned None.
     details: "<function>/<detail>" -> [N] float64 sub-scores (NaN where missing).
     stats: function name -> {"mean", "std" (over scored rows, NaN if none), "failures" (None
-        count, errors included), "errors" (rows whose scoring raised), "seconds" (wall time)}.
+        count, errors included), "errors" (rows whose scoring raised), "timeouts" (1 when the
+        call hit the time limit), "seconds" (wall time)}.
     metrics: "<function>/<metric>" -> scalar reported by a function (RewardOutput.metrics).
     judges: names of the functions that are LLM judges (their stats also feed `judge/*`).
+    reasons: function name -> why its rows are unscored (first error, time limit, its own reason).
     """
 
     total: np.ndarray
@@ -73,10 +79,25 @@ class RewardResult:
     metrics: dict[str, float]
     weights: dict[str, float]
     judges: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
         return int(self.total.shape[0])
+
+    @property
+    def num_unscored(self) -> int:
+        return int(np.sum(np.isnan(self.total)))
+
+    def unscored_reason(self) -> str:
+        """Why rows went unscored, one clause per function that scored nothing."""
+        parts = []
+        for name, values in self.per_func.items():
+            if np.isfinite(values).any():
+                continue
+            why = self.reasons.get(name) or "it returned None or NaN for every row"
+            parts.append(f"reward {name!r} scored none of {values.size} rows: {why}")
+        return "; ".join(parts) or f"{self.num_unscored} of {self.num_rows} rows were not scored"
 
     def summary(self) -> dict[str, float]:
         """Flat metrics for logging: reward/*, rewards/<name>/*, judge/* (when a judge scored)."""
@@ -165,6 +186,52 @@ class _Plan:
         return {k: columns[k] for k in self.named if k in columns}
 
 
+class RewardTimeout(Exception):
+    """A reward function ran past its time limit."""
+
+
+# The watchdog interrupts a sync reward on the main thread with this signal. SIGALRM is not
+# usable: math-verify sets and clears its own alarm inside the accuracy reward.
+_WATCHDOG_SIGNAL = getattr(signal, "SIGUSR2", None)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, name: str):
+    """Raise RewardTimeout in the main thread once `seconds` have passed (0 = no limit).
+
+    A watchdog thread sends a real signal, so a reward blocked in `sleep`, a socket or a lock is
+    woken too; code that holds the GIL inside one C call (a runaway regex) is not interruptible.
+    Off the main thread no handler can be set, and the limit applies to async rewards only."""
+    on_main = threading.current_thread() is threading.main_thread()
+    if not seconds or _WATCHDOG_SIGNAL is None or not on_main:
+        yield
+        return
+    state = {"done": False, "fired": False}
+    lock = threading.Lock()
+
+    def on_signal(signum, frame):
+        if state["fired"] and not state["done"]:
+            raise RewardTimeout(f"reward {name!r} did not return within {seconds:g} s")
+
+    def fire():
+        with lock:
+            if not state["done"]:
+                state["fired"] = True
+                signal.pthread_kill(threading.main_thread().ident, _WATCHDOG_SIGNAL)
+
+    previous = signal.signal(_WATCHDOG_SIGNAL, on_signal)
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["done"] = True
+        timer.cancel()
+        signal.signal(_WATCHDOG_SIGNAL, previous)
+
+
 class RewardSet:
     """Several reward functions with weights, scored once per batch.
 
@@ -174,6 +241,9 @@ class RewardSet:
     on_error: "raise" -> a function that raises aborts with an MlxRftError naming the function and
         the first failing row; "none" -> the failing rows score None and are counted in
         stats[name]["errors"]. MlxRftError (a configuration problem) always propagates.
+    timeout: seconds each function may take on one batch (0 = no limit). Past it the call is
+        abandoned: an MlxRftError with on_error "raise", else every row of that function is None
+        (stats[name]["timeouts"] = 1). Rows are never retried one by one after a time-out.
     """
 
     def __init__(
@@ -181,6 +251,7 @@ class RewardSet:
         funcs: Sequence[RewardFunc | str],
         weights: Sequence[float] | None = None,
         on_error: str = "raise",
+        timeout: float = 0.0,
     ):
         funcs = [resolve_reward(f) if isinstance(f, str) else f for f in funcs]
         if not funcs:
@@ -199,7 +270,10 @@ class RewardSet:
             raise MlxRftError(f"reward weights must be finite numbers, got {weights}")
         if on_error not in ON_ERROR:
             raise MlxRftError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout >= 0):
+            raise MlxRftError(f"reward timeout must be a number of seconds >= 0 (0 = none), got {timeout!r}")
         self.on_error = on_error
+        self.timeout = float(timeout)
         self.weights = weights
         names: list[str] = []
         for f in funcs:
@@ -291,9 +365,18 @@ class RewardSet:
     async def _guarded(self, plan: _Plan, prompts: list[str], completions: list[str], kwargs: dict):
         """(output, error_rows) for one function; on an exception, find the failing rows one by one."""
         try:
-            return await _invoke(plan, prompts, completions, kwargs), []
+            return await self._timed(plan, prompts, completions, kwargs), []
         except MlxRftError:
             raise
+        except RewardTimeout as e:
+            if self.on_error == "raise":
+                raise MlxRftError(
+                    f"{e} on {len(completions)} completions; fix the function, raise "
+                    "reward_timeout, or run with reward_on_error none to score such rows as None"
+                ) from None
+            out = RewardOutput(scores=[None] * len(completions), reason=f"{e} (time limit)")
+            out.metrics["timeouts"] = 1.0
+            return out, []
         except Exception as batch_error:
             first_error = batch_error
         # The batch call raised: score row by row to find which rows fail, keeping the others.
@@ -304,9 +387,16 @@ class RewardSet:
         for r in range(n):
             row_kwargs = {k: [v[r]] for k, v in kwargs.items()}
             try:
-                out = _normalize(await _invoke(plan, [prompts[r]], [completions[r]], row_kwargs), plan.name, 1)
+                out = _normalize(
+                    await self._timed(plan, [prompts[r]], [completions[r]], row_kwargs), plan.name, 1
+                )
             except MlxRftError:
                 raise
+            except RewardTimeout as e:
+                raise MlxRftError(
+                    f"{e} on one row after the batch call raised {type(first_error).__name__}: "
+                    f"{first_error}; fix the function"
+                ) from None
             except Exception as e:
                 bad.append(r)
                 if self.on_error == "raise":
@@ -325,17 +415,35 @@ class RewardSet:
                 f"reward {plan.name!r} raised {type(first_error).__name__}: {first_error} on the batch "
                 f"of {n} rows, though each row scores alone; fix the function"
             ) from first_error
-        return RewardOutput(scores=scores, details=details), bad
+        reason = f"{len(bad)} rows raised, first {type(first_error).__name__}: {first_error}"
+        return RewardOutput(scores=scores, details=details, reason=reason), bad
+
+    async def _timed(self, plan: _Plan, prompts: list[str], completions: list[str], kwargs: dict):
+        """One call of a function under the time limit (async: wait_for; sync: the watchdog)."""
+        if plan.is_async:
+            try:
+                return await asyncio.wait_for(
+                    _invoke(plan, prompts, completions, kwargs), self.timeout or None
+                )
+            except asyncio.TimeoutError:
+                raise RewardTimeout(
+                    f"reward {plan.name!r} did not return within {self.timeout:g} s"
+                ) from None
+        with _deadline(self.timeout, plan.name):
+            return await _invoke(plan, prompts, completions, kwargs)
 
     def _combine(self, outputs: list, seconds: list[float], n: int) -> RewardResult:
         per_func: dict[str, np.ndarray] = {}
         details: dict[str, np.ndarray] = {}
         stats: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
+        reasons: dict[str, str] = {}
         total = np.zeros(n, dtype=np.float64)
         scored = np.zeros(n, dtype=bool)
         for plan, w, (raw, bad), secs in zip(self._plans, self.weights, outputs, seconds):
             out = _normalize(raw, plan.name, n)
+            if out.reason:
+                reasons[plan.name] = out.reason
             values = _to_array(out.scores, plan.name, "scores")
             per_func[plan.name] = values
             ok = ~np.isnan(values)
@@ -347,6 +455,7 @@ class RewardSet:
                 "std": std,
                 "failures": float(np.sum(~ok)),
                 "errors": float(len(bad)),
+                "timeouts": float(out.metrics.pop("timeouts", 0.0)),
                 "seconds": secs,
             }
             for key, vals in out.details.items():
@@ -367,6 +476,7 @@ class RewardSet:
             metrics=metrics,
             weights=dict(zip(self.names, self.weights)),
             judges=[p.name for p in self._plans if p.is_judge],
+            reasons=reasons,
         )
 
 

@@ -101,6 +101,7 @@ class OpenAIJudge:
         self.extra_body = dict(extra_body or {})
         self.cache_key = f"openai|{self.url}|{model}|t={temperature}|max={max_tokens}|{sorted(self.extra_body.items())}"
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "bad_responses": 0}
+        self.last_error: str | None = None  # the newest failure, for the unscored-rows message
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -140,7 +141,11 @@ class OpenAIJudge:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="mlx-rft-judge")
         sem = asyncio.Semaphore(self.max_concurrency)
-        return list(await asyncio.gather(*(self._one(m, headers, sem) for m in messages_batch)))
+        answers = list(await asyncio.gather(*(self._one(m, headers, sem) for m in messages_batch)))
+        failed = sum(a is None for a in answers)
+        if failed:  # one line per batch, so the console shows an unreachable judge at once
+            log.warning("judge: %d of %d requests failed (%s)", failed, len(answers), self.last_error)
+        return answers
 
     async def _one(self, messages: Messages, headers: dict[str, str], sem: asyncio.Semaphore) -> str | None:
         payload = {
@@ -163,6 +168,7 @@ class OpenAIJudge:
                 except (urllib.error.URLError, HTTPException, OSError, asyncio.TimeoutError) as e:
                     # Connection refused/reset, DNS, socket timeout (TimeoutError is an OSError).
                     log.debug("judge request failed (attempt %d): %s", attempt + 1, e)
+                    self.last_error = f"{self.url}: {type(e).__name__}: {e}"
                     status, data, resp_headers = None, b"", {}
             if status == 200:
                 text = _content(data)
@@ -185,6 +191,7 @@ class OpenAIJudge:
             if status is not None and status not in _RETRY_STATUS and status < 500:
                 # 400/413/422...: this prompt will not work however often we ask.
                 log.warning("judge endpoint %s rejected a request (HTTP %s): %r", self.url, status, data[:200])
+                self.last_error = f"{self.url} answered HTTP {status}"
                 self.stats["failures"] += 1
                 return None
             if attempt < self.max_retries:
@@ -195,6 +202,8 @@ class OpenAIJudge:
                     wait = min(self.max_backoff, max(wait, retry_after))
                 await asyncio.sleep(wait)
         self.stats["failures"] += 1
+        if status is not None:
+            self.last_error = f"{self.url} answered HTTP {status}"
         return None
 
 
@@ -459,7 +468,13 @@ def make_judge_reward(
         judge.last_texts = texts
         judge.last_details = details
         judge.last_metrics = metrics
-        return RewardOutput(scores=scores, details=details, metrics=metrics)
+        reason = None
+        if backend_failures:
+            last = getattr(backend, "last_error", None)
+            reason = f"{backend_failures} of {len(todo)} judge requests failed" + (f" ({last})" if last else "")
+        elif parse_failures:
+            reason = f"{parse_failures} judge replies could not be parsed as rubric scores"
+        return RewardOutput(scores=scores, details=details, metrics=metrics, reason=reason)
 
     judge.__name__ = judge.__qualname__ = name
     judge.is_judge = True

@@ -30,7 +30,6 @@ from NumPy's sort (MLX's CPU sort costs more than half a decode step).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,8 +37,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-from ..errors import MlxRftError
-from ..kernels import exp_nonpositive, log_normalizer, row_sum
+from ..cpu.kernels import exp_nonpositive, log_normalizer, row_sum
 from ..types import SamplingConfig
 
 def penalty_counts(context: mx.array, valid: mx.array, vocab_size: int) -> mx.array:
@@ -153,34 +151,8 @@ def sample_inverse_cdf(weights: mx.array, u: mx.array, block: int = 256) -> mx.a
 
 
 def validate_sampling(cfg: SamplingConfig) -> None:
-    """Raise MlxRftError naming the bad field and its valid range."""
-
-    def bad(field: str, value, rule: str):
-        raise MlxRftError(f"sampling {field}={value!r} is invalid; set it {rule}")
-
-    if not (cfg.temperature >= 0 and math.isfinite(cfg.temperature)):
-        bad("temperature", cfg.temperature, "to a finite value >= 0 (0 = greedy)")
-    if not (0 < cfg.top_p <= 1):
-        bad("top_p", cfg.top_p, "in (0, 1] (1 = off)")
-    if not isinstance(cfg.top_k, int) or cfg.top_k < 0:
-        bad("top_k", cfg.top_k, "to an integer >= 0 (0 = off)")
-    if not (0 <= cfg.min_p < 1):
-        bad("min_p", cfg.min_p, "in [0, 1) (0 = off)")
-    if not (0 <= cfg.xtc_probability <= 1):
-        bad("xtc_probability", cfg.xtc_probability, "in [0, 1] (0 = off)")
-    if not (0 <= cfg.xtc_threshold <= 0.5):
-        bad("xtc_threshold", cfg.xtc_threshold, "in [0, 0.5]")
-    if not (cfg.repetition_penalty > 0 and math.isfinite(cfg.repetition_penalty)):
-        bad("repetition_penalty", cfg.repetition_penalty, "to a finite value > 0 (1 = off)")
-    if not isinstance(cfg.repetition_context_size, int) or cfg.repetition_context_size < 1:
-        bad("repetition_context_size", cfg.repetition_context_size, "to an integer >= 1")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if not math.isfinite(getattr(cfg, name)):
-            bad(name, getattr(cfg, name), "to a finite value (0 = off)")
-    if not isinstance(cfg.max_new_tokens, int) or cfg.max_new_tokens < 1:
-        bad("max_new_tokens", cfg.max_new_tokens, "to an integer >= 1")
-    if isinstance(cfg.stop, str) or not all(isinstance(s, str) and s for s in cfg.stop):
-        bad("stop", cfg.stop, "to a list of non-empty strings")
+    """Raise MlxRftError naming the bad field and its valid range (`SamplingConfig.validate`)."""
+    cfg.validate()
 
 
 def step_uniforms(key: mx.array, rows: mx.array, total_rows: int) -> mx.array:

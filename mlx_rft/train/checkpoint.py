@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a torn one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_steps(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete checkpoints under root, oldest first (by number)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
 
 
 def save_checkpoint(
@@ -93,53 +110,98 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _atomic_write_text(root / "latest", final.name + "\n")
-    _prune(root, cfg.keep_last)
+    atomic_write_text(root / "latest", final.name + "\n")
+    prune(root, cfg.keep_last, keep_path=final)
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    ckpts = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in ckpts[:-keep]:
+def prune(root: Path, keep: int, keep_path: Path) -> None:
+    """Delete all but the newest `keep` checkpoints (by step number); never keep_path, the one
+    just written."""
+    ckpts = [p for _, p in checkpoint_steps(root) if p != keep_path]
+    for old in ckpts[: max(len(ckpts) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(resume: str, output_dir: Path) -> Path:
     """'latest' -> the newest complete checkpoint of output_dir; otherwise a checkpoint folder."""
-    if resume == "latest":
+    if resume in ("latest", "auto"):
         root = output_dir / "checkpoints"
-        pointer = root / "latest"
-        if pointer.is_file():
-            path = root / pointer.read_text().strip()
-            if path.is_dir():
-                return path
-        ckpts = sorted(p for p in root.glob("step-*") if p.is_dir())
+        ckpts = checkpoint_steps(root)
         if not ckpts:
             raise MlxRftError(
-                f"--resume latest: no checkpoint under {root}; start without --resume or pass "
-                "a checkpoint folder"
+                f"--resume {resume}: no checkpoint under {root}; start without --resume (or use "
+                "--resume auto, which starts fresh when there is none) or pass a checkpoint folder"
             )
-        return ckpts[-1]
+        return ckpts[-1][1]  # checkpoints appear by atomic rename, so the newest is complete
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise MlxRftError(
             f"--resume {resume}: not a checkpoint folder (no trainer_state.json); pass "
-            "'latest' or a folder like runs/x/checkpoints/step-0000020"
+            "'latest', 'auto' or a folder like runs/x/checkpoints/step-0000020"
         )
     return path
 
 
+def _corrupt(path: Path, what: str) -> MlxRftError:
+    older = [p for _, p in checkpoint_steps(path.parent) if p != path]
+    hint = f"resume from the one before it (--resume {older[-1]})" if older else "start a new run"
+    return MlxRftError(f"checkpoint {path} is damaged ({what}); delete it and {hint}")
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise _corrupt(path, f"trainer_state.json unreadable: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise _corrupt(path, "trainer_state.json has no step")
+    return state
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise _corrupt(path, f"config.yaml unreadable: {e}") from None
+    if not isinstance(saved, dict):
+        raise _corrupt(path, "config.yaml holds no mapping")
+    return saved
+
+
+def _load_tensors(path: Path, name: str) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(path / name))
+    except Exception as e:  # truncated or garbage safetensors raise a bare RuntimeError/ValueError
+        raise _corrupt(path, f"{name} unreadable: {e}") from None
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
-    """Restore trainable weights and optimizer state in place; return the trainer state dict."""
-    weights_file = path / "adapters.safetensors"
-    if not weights_file.exists():
-        weights_file = path / "model.safetensors"
-    weights = mx.load(str(weights_file))
-    if weights_file.name == "adapters.safetensors":
-        model.load_weights(list(weights.items()), strict=False)
-    else:
-        model.load_weights(list(weights.items()), strict=True)
-    saved = mx.load(str(path / "optimizer.safetensors"))
+    """Restore trainable weights and optimizer state in place; return the trainer state dict.
+
+    Every saved tensor must match the model's by name and shape: adapters must cover exactly the
+    trainable parameters, full weights every parameter."""
+    state = read_trainer_state(path)
+    adapters = (path / "adapters.safetensors").exists()
+    weights = _load_tensors(path, "adapters.safetensors" if adapters else "model.safetensors")
+    expected = dict(tree_flatten(model.trainable_parameters() if adapters else model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items() if k in weights and weights[k].shape != v.shape
+    ]
+    if missing or extra or shapes:
+        problems = [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {extra[:3]}"] * bool(extra)
+        problems += [f"shapes {shapes[:3]}"] * bool(shapes)
+        raise MlxRftError(
+            f"checkpoint {path} does not fit this model's trainable weights ({'; '.join(problems)}); "
+            "resume with the model and adapter settings it was saved with"
+        )
+    model.load_weights(list(weights.items()), strict=not adapters)
+    saved = _load_tensors(path, "optimizer.safetensors")
     # Fill a freshly initialised state tree leaf by leaf, so list/dict structure matches exactly.
     optimizer.init(model.trainable_parameters())
     missing = [k for k, _ in tree_flatten(optimizer.state) if k not in saved]
@@ -148,6 +210,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:
             f"{path} optimizer state lacks {missing[:3]}: the checkpoint belongs to a different "
             "model or adapter setup; resume with the config it was saved with"
         )
+    bad = [k for k, v in tree_flatten(optimizer.state) if saved[k].shape != v.shape]
+    if bad:
+        raise MlxRftError(
+            f"{path} optimizer state has other shapes for {bad[:3]}: the checkpoint belongs to a "
+            "different model or adapter setup; resume with the config it was saved with"
+        )
     optimizer.state = tree_map_with_path(lambda k, _: saved[k], optimizer.state)
     mx.eval(model.parameters(), optimizer.state)
-    return json.loads((path / "trainer_state.json").read_text())
+    return state

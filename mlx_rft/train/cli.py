@@ -30,5 +30,5 @@ def main(argv: list[str] | None = None) -> None:
     from .trainer import GRPOTrainer
 
     result = GRPOTrainer(cfg, console=Console()).train()
-    if result.interrupted:
-        raise SystemExit(130)
+    if result.interrupted:  # stopped by Ctrl-C or SIGTERM after saving: 130 / 143
+        raise SystemExit(result.exit_code)

@@ -95,7 +95,10 @@ def _svg_plot(title: str, points: list[tuple[int, float]], width=420, height=180
         return f"<div><h3>{html.escape(title)}</h3><p>no data</p></div>"
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    # A flat line gets a unit-wide axis; at magnitudes like 1e300, y + 1 == y, so widen by |y|.
+    y0, y1 = min(ys), max(ys)
+    if not y1 - y0 > 0:
+        y1 = y0 + max(1.0, abs(y0))
     pad = 30
 
     def sx(x):
@@ -141,5 +144,7 @@ def write_report(run_dir: Path, history: list[dict[str, Any]], summary: dict[str
         f"<h1>mlx-rft run report</h1><table>{rows}</table><div class='g'>{body}</div>"
     )
     path = run_dir / "report.html"
-    path.write_text(page)
+    tmp = path.with_name(".report.html.tmp")
+    tmp.write_text(page)
+    tmp.replace(path)  # a reader (or a crash) never sees half a report
     return path

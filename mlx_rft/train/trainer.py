@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +25,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..config import GRPOConfig, save_config
+from ..config import GRPOConfig
 from ..errors import MlxRftError
 from ..evaluate import columns_per_row
 from ..policy.adapters import adapters_fused
 from ..types import PromptExample, RolloutBatch, SamplingConfig
 from . import checkpoint as ckpt
+from . import run_folder
 from .metrics import build_reporters, format_step_line, write_report
 from .optim import CompiledApply, build_optimizer, squared_distance
 from .distributed import init_world
+from .signals import GracefulStop
 from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
 
 
@@ -54,6 +55,7 @@ class TrainResult:
     eval_after: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
+    exit_code: int = 0  # 128 + the signal that stopped the run (130 Ctrl-C, 143 SIGTERM)
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -62,11 +64,7 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 def sampling_from(cfg: GRPOConfig) -> SamplingConfig:
-    return SamplingConfig(
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
-        repetition_penalty=cfg.repetition_penalty, max_new_tokens=cfg.max_new_tokens,
-        stop=list(cfg.stop), include_stop=cfg.include_stop,
-    )
+    return cfg.sampling_config()
 
 
 class GRPOTrainer:
@@ -106,10 +104,9 @@ class GRPOTrainer:
             print(msg, flush=True)
 
     def _setup_model(self) -> None:
-        from ..models import load_model, resolve_model_path
+        from ..models import load_model
 
         cfg = self.cfg
-        self.model_dir = resolve_model_path(cfg.model)
         if self.model is None:
             self.model, self.tokenizer = load_model(self.model_dir, dtype=cfg.dtype)
         mx.random.seed(cfg.seed)  # LoRA initialisation
@@ -152,7 +149,14 @@ class GRPOTrainer:
         elif task is not None and getattr(task, "eval_rows", None):
             evals = PromptDataset.from_rows(task.eval_rows, self.tokenizer, **opts)
         else:
-            train, evals = train_eval_split(train, eval_size=min(cfg.eval_size, len(train) - 1), seed=cfg.seed)
+            held_out = min(cfg.eval_size, len(train) - 1)
+            train, evals = train_eval_split(train, eval_size=held_out, seed=cfg.seed)
+            if len(train) < max(cfg.prompts_per_step, held_out):
+                raise MlxRftError(
+                    f"{len(train) + len(evals)} distinct prompts leave {len(train)} for training "
+                    f"once {len(evals)} are held out (eval_size {cfg.eval_size}); give more rows, "
+                    f"a separate --eval-file, or a smaller --eval-size (e.g. {max(1, (len(train) + len(evals)) // 4)})"
+                )
         if train.skipped_bad:
             self._log(f"skipped {train.skipped_bad} malformed rows of {train.source}")
         self.train_data, self.eval_data = train, evals
@@ -169,9 +173,11 @@ class GRPOTrainer:
         weights = list(cfg.reward_weights) or None
         if weights is None and not specs and task is not None:
             weights = list(getattr(task, "reward_weights", None) or []) or None
-        self.rewards = RewardSet(funcs, weights=weights, on_error=cfg.reward_on_error)
+        self.rewards = RewardSet(
+            funcs, weights=weights, on_error=cfg.reward_on_error, timeout=cfg.reward_timeout
+        )
         # Eval scores with the first reward (the task's accuracy), pass@k counts scores >= 1.
-        self.eval_reward = RewardSet(funcs[:1], on_error="none")
+        self.eval_reward = RewardSet(funcs[:1], on_error="none", timeout=cfg.reward_timeout)
 
     # ------------------------------------------------------------------ pieces
     def generate(self, examples: Sequence[PromptExample], group_size: int, sampling, seed, **kw) -> RolloutBatch:
@@ -201,9 +207,30 @@ class GRPOTrainer:
             sampling_from(cfg), temperature=temp, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0
         )
         with adapters_fused(self.model):
-            return evaluate_prompts(
+            out = evaluate_prompts(
                 self.model, self.tokenizer, list(self.eval_data), self.eval_reward,
                 k=cfg.eval_k, sampling=sampling, seed=step_seed(cfg.seed, 0, salt=17),
+            )
+        if out["eval/unscored"]:
+            self._log(
+                f"warning: {out['eval/unscored']:.0f} of {len(self.eval_data) * cfg.eval_k} eval "
+                f"samples could not be scored by {self.eval_reward.names[0]!r}; they count as 0"
+            )
+        return out
+
+    def _check_scored(self, step: int, rewards) -> None:
+        """Stop a run whose rewards cannot score anything (every rank decides the same)."""
+        unscored = self.world.sum_floats(float(rewards.num_unscored), float(rewards.num_rows))
+        if unscored[0] < unscored[1]:
+            self.unscored_steps = 0
+            return
+        self.unscored_steps += 1
+        limit = self.cfg.max_unscored_steps
+        if limit and self.unscored_steps >= limit:
+            raise MlxRftError(
+                f"step {step}: no completion could be scored for {self.unscored_steps} step(s) in a "
+                f"row ({rewards.unscored_reason()}); fix the reward or its data columns (or raise "
+                "max_unscored_steps); the last checkpoint is kept"
             )
 
     def _micro_slices(self, n: int, group_size: int) -> list[slice]:
@@ -218,15 +245,12 @@ class GRPOTrainer:
         return [slice(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
     def _make_loss(self):
-        from ..algo.logprobs import checkpointed_layers, sequence_logprobs
-        from ..algo.losses import LossConfig, compute_loss
+        from ..algo.losses import compute_loss
+        from ..policy.checkpointing import checkpointed_layers
+        from ..policy.logprobs import sequence_logprobs
 
         cfg = self.cfg
-        loss_cfg = LossConfig(
-            loss_type=cfg.loss_type, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-            delta=cfg.delta, beta=cfg.beta, importance_sampling_level=cfg.importance_sampling_level,
-            max_completion_length=cfg.max_new_tokens, top_entropy_quantile=cfg.top_entropy_quantile,
-        )
+        loss_cfg = cfg.loss_config()
         need_entropy = cfg.top_entropy_quantile < 1.0
 
         def loss_fn(model, prompts, group_size, ids, mask, old_lp, ref_lp, adv, norms):
@@ -272,6 +296,9 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
         from ..algo.advantages import group_advantages
+        from ..data import PromptSampler
+        from ..health import HealthMonitor
+        from ..models import resolve_model_path
 
         cfg = self.cfg
         world = self.world = init_world()
@@ -281,30 +308,34 @@ class GRPOTrainer:
                 f"use a multiple of {world.size}"
             )
         main = world.is_main
-        run_dir = Path(cfg.output_dir)
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        self.model_dir = resolve_model_path(cfg.model)
+        # Refuse a folder that holds another run, or a checkpoint that does not match, before
+        # anything heavy runs or anything is written.
+        plan = run_folder.plan_run(cfg, self.model_dir)
+        self.fingerprint = plan.fingerprint
+        run_dir = plan.run_dir
         self._setup_model()
         self._setup_data()
-        from ..data import PromptSampler
-
         sampler = PromptSampler(
             len(self.train_data), cfg.prompts_per_step, seed=cfg.seed, rank=world.rank, world_size=world.size
         )
         start_step, history = 0, []
         eval_before: dict[str, float] = {}
-        if cfg.resume:
-            path = ckpt.find_checkpoint(cfg.resume, run_dir)
-            state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        if plan.resume_from is not None:
+            state = ckpt.load_checkpoint(plan.resume_from, self.model, self.optimizer)
             start_step = state["step"]
             sampler.load_state_dict(state["sampler"])
             eval_before = state.get("eval_before", {})
             history = state.get("history", [])
-            self._log(f"resumed from {path} at step {start_step}")
+            done = run_folder.read_summary(run_dir)
+            if start_step >= cfg.num_steps and done and done.get("steps") == start_step:
+                self._log(f"{run_dir} already finished its {start_step} steps; nothing to do")
+                return TrainResult(run_dir, start_step, eval_before, done.get("eval_after", {}), history)
+            self._log(f"resumed from {plan.resume_from} at step {start_step}")
         # Rank 0 alone writes logs, metrics and checkpoints.
         reporters, rollout_log = [], None
         if main:
-            save_config(cfg, run_dir / "config.yaml")
+            run_folder.start_run(plan, cfg, start_step)
             reporters = build_reporters(cfg.report_to, run_dir, cfg.to_dict(), append=start_step > 0)
             rollout_log = open(run_dir / "rollouts.jsonl", "a" if start_step else "w")
             self._log(
@@ -315,59 +346,48 @@ class GRPOTrainer:
             )
         if main and not eval_before:
             eval_before = self.evaluate(0)
-            self._log(f"eval before training: {eval_before}")
+            self._log(f"eval before training: {_fmt(eval_before)}")
             for r in reporters:
                 r.log(0, eval_before)
 
-        from ..health import HealthMonitor
-
         self.health = HealthMonitor(log_warnings=False)
+        self.unscored_steps = 0
         loss_and_grad = self._make_loss()
         sampling = sampling_from(cfg)
         interrupted = False
-        previous_sigint = signal.getsignal(signal.SIGINT)
-        stop_requested = []
-
-        def on_sigint(signum, frame):
-            if stop_requested:  # a second Ctrl-C aborts at once
-                raise KeyboardInterrupt
-            stop_requested.append(True)
-            self._log("Ctrl-C: finishing this step, saving a checkpoint, then stopping "
-                      "(press again to abort without saving)")
-
-        signal.signal(signal.SIGINT, on_sigint)
         step = start_step
         try:
-            for step in range(start_step + 1, cfg.num_steps + 1):
-                metrics = self._train_step(step, sampler, sampling, loss_and_grad, group_advantages, rollout_log)
-                history.append({"step": step, **metrics})
-                if main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                    ev = self.evaluate(step)
-                    metrics.update(ev)
-                    history[-1].update(ev)
-                if main:
-                    for alarm in self.health.update(step, metrics):
-                        self._log(f"health alarm: {alarm}")
-                    metrics.update(self.health.metrics())
-                    for r in reporters:
-                        r.log(step, metrics)
-                    if step % cfg.log_every == 0 or step == cfg.num_steps:
-                        self._log(format_step_line(step, cfg.num_steps, metrics))
-                # Every rank stops at the same step when any of them got Ctrl-C.
-                stop = world.sum_floats(float(bool(stop_requested)))[0] > 0
-                last = step == cfg.num_steps
-                if main and (stop or last or step % cfg.save_every == 0):
-                    self._save(run_dir, step, sampler, eval_before, history)
-                if stop:
-                    interrupted = True
-                    break
+            with GracefulStop(self._log) as signals:
+                for step in range(start_step + 1, cfg.num_steps + 1):
+                    metrics = self._train_step(step, sampler, sampling, loss_and_grad, group_advantages, rollout_log)
+                    history.append({"step": step, **metrics})
+                    if main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+                        ev = self.evaluate(step)
+                        metrics.update(ev)
+                        history[-1].update(ev)
+                    if main:
+                        for alarm in self.health.update(step, metrics):
+                            self._log(f"health alarm: {alarm}")
+                        metrics.update(self.health.metrics())
+                        for r in reporters:
+                            r.log(step, metrics)
+                        if step % cfg.log_every == 0 or step == cfg.num_steps:
+                            self._log(format_step_line(step, cfg.num_steps, metrics))
+                    # Every rank stops at the same step when any of them got a stop signal.
+                    stop = world.sum_floats(float(signals.requested))[0] > 0
+                    last = step == cfg.num_steps
+                    if main and (stop or last or step % cfg.save_every == 0):
+                        self._save(run_dir, step, sampler, eval_before, history)
+                    if stop:
+                        interrupted = True
+                        break
         finally:
-            signal.signal(signal.SIGINT, previous_sigint)
             if rollout_log is not None:
                 rollout_log.close()
+        exit_code = signals.exit_code if interrupted else 0
         eval_after: dict[str, float] = {}
         if not main:
-            return TrainResult(run_dir, step, eval_before, eval_after, history, interrupted)
+            return TrainResult(run_dir, step, eval_before, eval_after, history, interrupted, exit_code)
         if not interrupted:
             eval_after = self.evaluate(step)
             history.append({"step": step, **eval_after})
@@ -383,11 +403,18 @@ class GRPOTrainer:
             **{f"after {k}": v for k, v in eval_after.items()},
         }
         report = write_report(run_dir, history, summary)
+        if not interrupted:
+            run_folder.write_summary(
+                run_dir, {"steps": step, "eval_before": eval_before, "eval_after": eval_after}
+            )
         self._log(f"run folder {run_dir}: checkpoints/, metrics.jsonl, rollouts.jsonl, {report.name}")
-        return TrainResult(run_dir, step, eval_before, eval_after, history, interrupted)
+        return TrainResult(run_dir, step, eval_before, eval_after, history, interrupted, exit_code)
 
     def _save(self, run_dir, step, sampler, eval_before, history) -> None:
-        state = {"sampler": sampler.state_dict(), "eval_before": eval_before, "history": history}
+        state = {
+            "sampler": sampler.state_dict(), "eval_before": eval_before, "history": history,
+            "model_fingerprint": self.fingerprint,
+        }
         ckpt.save_checkpoint(
             run_dir / "checkpoints", step, self.model, self.optimizer, self.cfg, state,
             adapter_cfg=self.adapter_cfg, base_model_dir=self.model_dir,
@@ -416,6 +443,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         rewards = self.score(self.rewards, examples, rollouts)
         t_rew = time.perf_counter() - t0
+        self._check_scored(step, rewards)
 
         batch_stats = None
         if world.size > 1 and cfg.scale_rewards == "batch":
@@ -435,7 +463,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         ref_lp = None
         if cfg.beta > 0:
-            from ..algo.logprobs import sequence_logprobs
+            from ..policy.logprobs import sequence_logprobs
 
             ref_lp, _ = self.reference.run(
                 lambda m: sequence_logprobs(m, prompts, rollouts.completion_ids, mask, G, cfg.temperature)
