@@ -4,6 +4,7 @@ K-quant blocks) for the architectures and quantizations the default model does n
 
 import mlx_rft  # noqa: F401, I001  (must precede any mlx.core import)
 
+import importlib
 import io
 import json
 import os
@@ -192,10 +193,9 @@ def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
 def random_model(config: dict, seed: int):
     """(mlx-lm model, HF-named float32 weights) with every parameter random, norms included."""
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
 
-    model_cls, args_cls = _get_classes(config)
-    model = model_cls(args_cls.from_dict(config))
+    arch = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = arch.Model(arch.ModelArgs.from_dict(config))
     rng = np.random.default_rng(seed)
     weights = {
         k: rng.normal(0, 0.2, v.shape).astype(np.float32)
