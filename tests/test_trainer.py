@@ -111,8 +111,6 @@ def report_charts(path) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="trainer.py leaves eval_before out of the history that "
-                   "write_report plots: the eval panel has no step-0 point")
 def test_report_eval_panel_has_the_before_and_after_points(tiny_qwen3, tmp_path):
     cfg = make_cfg(tiny_qwen3, tmp_path, num_steps=2, eval_size=4)
     GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS).train()

@@ -346,6 +346,7 @@ class GRPOTrainer:
             )
         if main and not eval_before:
             eval_before = self.evaluate(0)
+            history.append({"step": 0, **eval_before})  # the report's eval panel starts here
             self._log(f"eval before training: {_fmt(eval_before)}")
             for r in reporters:
                 r.log(0, eval_before)
