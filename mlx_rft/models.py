@@ -105,6 +105,17 @@ def cast_model(model, dtype: str) -> None:
     model.update(tree_map(cast, model.parameters()))
 
 
+def _adapter_quantization(adapter_path) -> dict | None:
+    """The base quantization a QLoRA checkpoint's adapter_config.json records, if any."""
+    if not adapter_path:
+        return None
+    config = Path(adapter_path) / "adapter_config.json"
+    try:
+        return json.loads(config.read_text()).get("quantization")
+    except (OSError, ValueError):
+        return None  # mlx-lm's own loader reports a missing or broken adapter config
+
+
 def load_model(
     model: str | os.PathLike | None = None,
     *,
@@ -124,9 +135,11 @@ def load_model(
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise MlxRftError(f"{path / 'config.json'} is not valid JSON ({e}); fix or re-create it")
+    quantization = _adapter_quantization(adapter_path)
     try:
         model_obj, tokenizer = mlx_lm_load(
-            str(path), adapter_path=str(adapter_path) if adapter_path else None, lazy=True
+            str(path), adapter_path=str(adapter_path) if adapter_path and not quantization else None,
+            lazy=True,
         )
     except ValueError as e:
         if "not supported" in str(e) or "model_type" in str(e):
@@ -135,11 +148,14 @@ def load_model(
             ) from e
         raise
     cast_model(model_obj, dtype or default_dtype())
-    from . import allocator, kernels
+    if quantization:
+        # QLoRA adapters were trained on the quantized base: quantize it the same way first.
+        import mlx.nn as nn
+        from mlx_lm.tuner.utils import load_adapters
 
-    kernels.install(model_obj)  # CPU only: SwiGLU without MLX's scalar exp (see kernels.py)
-    if kernels.on_cpu():
-        allocator.retain_freed_memory()  # no page faults on every fresh array (see allocator.py)
+        nn.quantize(model_obj, group_size=quantization["group_size"], bits=quantization["bits"])
+        load_adapters(model_obj, str(adapter_path))
+    # No process-wide CPU changes here: callers scope them with `mlx_rft.cpu.speedups(model)`.
     if not lazy:
         import mlx.core as mx
 

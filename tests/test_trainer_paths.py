@@ -145,9 +145,6 @@ def assert_checkpoint_reloads(trainer, base, ckpt):
     np.testing.assert_allclose(logits(loaded, ids), logits(trainer.model, ids), atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="a quantize_bits run's checkpoint does not record the "
-                   "quantization (checkpoint.py adapter_config, models.load_model): its adapters "
-                   "reload onto the float base, a different function from the trained policy")
 def test_qlora_checkpoint_reloads_the_quantized_policy(tiny_qwen3, tmp_path):
     cfg = make_cfg(tiny_qwen3, tmp_path, num_steps=1, learning_rate=1e-2, quantize_bits=4)
     t = GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS)

@@ -16,6 +16,9 @@ from ..errors import MlxRftError
 from ..policy.adapters import adapters_disabled
 
 
+QLORA_GROUP_SIZE = 64
+
+
 @dataclass
 class ParamCounts:
     trainable: int
@@ -43,11 +46,14 @@ def lora_parameters(cfg: GRPOConfig) -> dict:
 
 def adapter_config(cfg: GRPOConfig, num_layers: int) -> dict:
     """The adapter_config.json that `mlx_lm.load(..., adapter_path=...)` reads."""
-    return {
+    out = {
         "fine_tune_type": cfg.finetune_type,
         "num_layers": num_layers,
         "lora_parameters": lora_parameters(cfg),
     }
+    if cfg.quantize_bits:  # QLoRA: the adapters belong to the quantized base (models.load_model)
+        out["quantization"] = {"bits": cfg.quantize_bits, "group_size": QLORA_GROUP_SIZE}
+    return out
 
 
 def setup_trainable(model: nn.Module, cfg: GRPOConfig) -> int:
@@ -68,7 +74,7 @@ def setup_trainable(model: nn.Module, cfg: GRPOConfig) -> int:
                 module.freeze()
         return num_layers
     if cfg.quantize_bits:
-        nn.quantize(model, group_size=64, bits=cfg.quantize_bits)
+        nn.quantize(model, group_size=QLORA_GROUP_SIZE, bits=cfg.quantize_bits)
     model.freeze()
     try:
         linear_to_lora_layers(
