@@ -1,8 +1,10 @@
 """mlx-rft: reinforcement fine-tuning (GRPO family, RLAIF) of language models on MLX."""
 
-from .blas import ensure_fast_blas
+from .cpu.blas import ensure_fast_blas
 
-# Must run before anything imports mlx.core (see blas.py).
+# The one process-wide CPU change, and the only place it runs from: on MLX's Linux CPU wheel an
+# optimized BLAS must be loaded before anything imports mlx.core (see cpu/blas.py). Everything
+# else CPU-specific is scoped to `mlx_rft.cpu.speedups()`.
 ensure_fast_blas()
 
 __version__ = "0.1.0"

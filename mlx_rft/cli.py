@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mlx-rft: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         sys.exit(2)
     setup_logging()
-    # Importing the package first loads the fast BLAS before mlx.core (see blas.py).
+    # Importing the package first loads the fast BLAS before mlx.core (see cpu/blas.py).
     import mlx_rft  # noqa: F401
 
     from .errors import MlxRftError

@@ -8,7 +8,7 @@ import sys
 import time
 from importlib import metadata
 
-from .blas import blas_status
+from .cpu.blas import blas_status
 
 
 def measure_gemm_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ("platform", f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}"),
         ("backend", f"{backend} (default device: {device})"),
-        ("blas", status.path or f"MLX bundled ({status.reason})"),
+        ("blas", status.path or f"none preloaded: {status.reason}"),
         (
             "float32 GEMM",
             f"{measure_gemm_gflops(args.gemm_size):.1f} GFLOP/s ({args.gemm_size}^3 matmul)",

@@ -54,7 +54,7 @@ def test_model_path_that_is_a_file(tmp_path):
 def test_fast_blas_is_loaded_before_mlx_and_used():
     code = (
         "import mlx_rft, mlx.core as mx\n"
-        "from mlx_rft.blas import blas_status\n"
+        "from mlx_rft.cpu.blas import blas_status\n"
         "s = blas_status()\n"
         "maps = open('/proc/self/maps').read()\n"
         "print(s.path); print(bool(s.path) and os.path.realpath(s.path) in maps)\n"
@@ -64,10 +64,10 @@ def test_fast_blas_is_loaded_before_mlx_and_used():
     assert path != "None", "no optimized BLAS found: install mkl or libopenblas0-pthread"
     assert mapped == "True"
     # Importing mlx.core first is too late: the status says so and a warning names the fix.
-    r = subprocess.run([sys.executable, "-c", "import mlx.core, mlx_rft\nfrom mlx_rft.blas import blas_status\nprint(blas_status().reason)"],
+    r = subprocess.run([sys.executable, "-c", "import mlx.core, mlx_rft\nfrom mlx_rft.cpu.blas import blas_status\nprint(blas_status().reason)"],
                        capture_output=True, text=True)
     assert "too late" in r.stdout
-    r = subprocess.run([sys.executable, "-c", "import mlx_rft\nfrom mlx_rft.blas import blas_status\nprint(blas_status())"],
+    r = subprocess.run([sys.executable, "-c", "import mlx_rft\nfrom mlx_rft.cpu.blas import blas_status\nprint(blas_status())"],
                        capture_output=True, text=True, env={**os.environ, "MLX_RFT_BLAS": "none"})
     assert "path=None" in r.stdout
 

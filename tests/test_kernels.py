@@ -1,4 +1,4 @@
-"""The CPU fast paths in mlx_rft.kernels against float64 references and mlx-lm's own functions."""
+"""The CPU fast paths in mlx_rft.cpu.kernels against float64 references and mlx-lm's own functions."""
 
 import importlib
 
@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_rft import kernels
+from mlx_rft.cpu import kernels
 
 
 def _silu_mul64(g, x):
@@ -74,32 +74,6 @@ def test_vocab_logsumexp_softmax_and_cotangent_against_float64(dtype):
     w = mx.array(g, dtype=mdt)
     grad = mx.grad(lambda a: (kernels.logsumexp(a) * w).sum())(mx.array(z, dtype=mdt))
     np.testing.assert_allclose(np.array(grad), g[:, None] * p, rtol=tol * 5, atol=tol)
-
-
-def test_install_patches_the_model_module_once_and_can_be_disabled(tiny_qwen3, monkeypatch):
-    from mlx_rft.models import load_model
-
-    model, _ = load_model(tiny_qwen3)
-    qwen3 = importlib.import_module("mlx_lm.models.qwen3")
-    stock = kernels.mlx_lm_swiglu()
-    stock_attention = kernels.mlx_lm_attention()
-    monkeypatch.setattr(qwen3, "swiglu", stock)  # undone after the test
-    monkeypatch.setattr(qwen3, "scaled_dot_product_attention", stock_attention)
-
-    monkeypatch.setenv("MLX_RFT_FAST_KERNELS", "0")
-    assert kernels.install(model) == [] and qwen3.swiglu is stock
-
-    monkeypatch.delenv("MLX_RFT_FAST_KERNELS")
-    tokens = mx.array([[1, 5, 9, 30, 2]])
-    before = model(tokens)
-    assert sorted(kernels.install(model)) == [
-        "mlx_lm.models.qwen3.scaled_dot_product_attention", "mlx_lm.models.qwen3.swiglu",
-    ]
-    assert qwen3.swiglu is kernels.swiglu
-    assert qwen3.scaled_dot_product_attention is kernels.scaled_dot_product_attention
-    assert kernels.install(model) == []  # already installed
-    after = model(tokens)
-    assert mx.abs(after - before).max().item() < 1e-4
 
 
 def test_row_sum_is_accurate_over_a_vocabulary_row():

@@ -14,6 +14,7 @@ from mlx_lm.generate import generate_step, stream_generate
 from mlx_lm.models.cache import RotatingKVCache
 from mlx_lm.sample_utils import make_logits_processors
 
+from mlx_rft import cpu
 from mlx_rft.errors import MlxRftError
 from mlx_rft.models import load_model
 from mlx_rft.rollout import RolloutStats, generate_rollouts
@@ -427,26 +428,28 @@ def test_default_model_greedy_matches_mlx_lm_and_logprobs_match_teacher_forcing(
     sampled log-probs at T = 0.7 equal a plain forward's (measured max |diff| 3.4e-5; bound
     1e-4)."""
     model, tok = load_model(default_model_dir)
-    prompts = [chat(tok, q) for q in ["What is 2 + 3?", "Name a primary colour.", "Say hi."]]
-    cfg = SamplingConfig(temperature=0, max_new_tokens=32)
-    greedy = generate_rollouts(model, tok, prompts, 2, cfg)
-    for b, p in enumerate(prompts):
-        # stream_generate's last response carries the EOS token when it stopped on one.
-        ref = [r.token for r in stream_generate(model, tok, p, max_tokens=32)]
-        got = completion(greedy, 2 * b)
-        assert got == ref
-        if greedy.finish_reasons[2 * b] == "stop":
-            assert got[-1] in tok.eos_token_ids and not set(got[:-1]) & set(tok.eos_token_ids)
-        else:
-            assert greedy.finish_reasons[2 * b] == "length" and len(got) == 32
-            assert not set(got) & set(tok.eos_token_ids)
-        assert completion(greedy, 2 * b + 1) == completion(greedy, 2 * b)
-    T = 0.7
-    cfg = SamplingConfig(temperature=T, max_new_tokens=24)
-    batch = generate_rollouts(model, tok, prompts, 2, cfg, seed=0)
-    worst = 0.0
-    for n in range(batch.num_rows):
-        toks = completion(batch, n)
-        ref = teacher_forced_logprobs(model, prompts[batch.group_index[n]], toks, T)
-        worst = max(worst, float(np.abs(np.array(batch.logprobs[n, : len(toks)]) - ref).max()))
-    assert worst <= 1e-4, worst
+    # mlx-lm's generation and the teacher-forced pass with the CPU paths the engine uses.
+    with cpu.speedups(model):
+        prompts = [chat(tok, q) for q in ["What is 2 + 3?", "Name a primary colour.", "Say hi."]]
+        cfg = SamplingConfig(temperature=0, max_new_tokens=32)
+        greedy = generate_rollouts(model, tok, prompts, 2, cfg)
+        for b, p in enumerate(prompts):
+            # stream_generate's last response carries the EOS token when it stopped on one.
+            ref = [r.token for r in stream_generate(model, tok, p, max_tokens=32)]
+            got = completion(greedy, 2 * b)
+            assert got == ref
+            if greedy.finish_reasons[2 * b] == "stop":
+                assert got[-1] in tok.eos_token_ids and not set(got[:-1]) & set(tok.eos_token_ids)
+            else:
+                assert greedy.finish_reasons[2 * b] == "length" and len(got) == 32
+                assert not set(got) & set(tok.eos_token_ids)
+            assert completion(greedy, 2 * b + 1) == completion(greedy, 2 * b)
+        T = 0.7
+        cfg = SamplingConfig(temperature=T, max_new_tokens=24)
+        batch = generate_rollouts(model, tok, prompts, 2, cfg, seed=0)
+        worst = 0.0
+        for n in range(batch.num_rows):
+            toks = completion(batch, n)
+            ref = teacher_forced_logprobs(model, prompts[batch.group_index[n]], toks, T)
+            worst = max(worst, float(np.abs(np.array(batch.logprobs[n, : len(toks)]) - ref).max()))
+        assert worst <= 1e-4, worst

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .. import kernels
+from .. import cpu
 from ..errors import MlxRftError
 from ..types import RolloutBatch, SamplingConfig
 from .cache import make_rollout_cache
@@ -148,135 +148,136 @@ def generate_rollouts(
             f"total_rows={draw_rows}; pass the global row count and this call's first row"
         )
     stats = stats if stats is not None else RolloutStats()
-    kernels.install(model)  # decode-step SwiGLU without MLX's slow CPU exp (see kernels.py)
-    B, G = len(prompts), group_size
-    N = B * G
-    max_new = sampling.max_new_tokens
-    eos_ids = set() if ignore_eos else {int(t) for t in tokenizer.eos_token_ids}
-    stopper = StopStringMatcher(tokenizer, sampling.stop, include=sampling.include_stop)
+    # The CPU speed-ups for this call only (a no-op inside the caller's own block; see cpu/).
+    with cpu.speedups(model):
+        B, G = len(prompts), group_size
+        N = B * G
+        max_new = sampling.max_new_tokens
+        eos_ids = set() if ignore_eos else {int(t) for t in tokenizer.eos_token_ids}
+        stopper = StopStringMatcher(tokenizer, sampling.stop, include=sampling.include_stop)
 
-    if seed is None:
-        seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
-    key = mx.random.key(seed)
+        if seed is None:
+            seed = int(mx.random.randint(0, 2**31 - 1, shape=()).item())
+        key = mx.random.key(seed)
 
-    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
-    if vocab is not None:
-        for b, p in enumerate(prompts):
-            if max(p) >= vocab:
-                raise MlxRftError(
-                    f"prompt {b} has token id {max(p)} but the model's vocabulary has {vocab} "
-                    "entries; tokenize prompts with this model's own tokenizer"
-                )
+        vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+        if vocab is not None:
+            for b, p in enumerate(prompts):
+                if max(p) >= vocab:
+                    raise MlxRftError(
+                        f"prompt {b} has token id {max(p)} but the model's vocabulary has {vocab} "
+                        "entries; tokenize prompts with this model's own tokenizer"
+                    )
 
-    # ---- prefill the B distinct prompts once, left-padded to a common length ----
-    tic = time.perf_counter()
-    lengths = [len(p) for p in prompts]
-    P = max(lengths)
-    padding = [P - n for n in lengths]
-    cache = make_rollout_cache(model, padding)
-    padded = mx.array([[0] * pad + p for pad, p in zip(padding, prompts)], dtype=mx.int32)
-    logits = _prefill(model, cache, padded, max(1, int(prefill_step_size)))
-    vocab_size = logits.shape[-1]
-    for c in cache:
-        # Room for the first 256 new tokens; past that the cache grows by 256 positions at a
-        # time (mlx-lm's BatchKVCache policy), so rows that finish early never cost memory for
-        # the full max_new_tokens.
-        c.expand(G, capacity=P + min(max_new, c.step))
-    if G > 1:
-        logits = mx.repeat(logits, G, axis=0)
+        # ---- prefill the B distinct prompts once, left-padded to a common length ----
+        tic = time.perf_counter()
+        lengths = [len(p) for p in prompts]
+        P = max(lengths)
+        padding = [P - n for n in lengths]
+        cache = make_rollout_cache(model, padding)
+        padded = mx.array([[0] * pad + p for pad, p in zip(padding, prompts)], dtype=mx.int32)
+        logits = _prefill(model, cache, padded, max(1, int(prefill_step_size)))
+        vocab_size = logits.shape[-1]
+        for c in cache:
+            # Room for the first 256 new tokens; past that the cache grows by 256 positions at a
+            # time (mlx-lm's BatchKVCache policy), so rows that finish early never cost memory for
+            # the full max_new_tokens.
+            c.expand(G, capacity=P + min(max_new, c.step))
+        if G > 1:
+            logits = mx.repeat(logits, G, axis=0)
 
-    protected = set(eos_ids) | set(tokenizer.encode("\n", add_special_tokens=False))
-    sampler = TokenSampler(sampling, vocab_size, protected_ids=sorted(protected))
+        protected = set(eos_ids) | set(tokenizer.encode("\n", add_special_tokens=False))
+        sampler = TokenSampler(sampling, vocab_size, protected_ids=sorted(protected))
 
-    # Penalty context: the last C tokens of prompt + completion per row, as [N, C] ids + validity.
-    context = valid = None
-    if sampler.uses_penalties:
-        C = sampling.repetition_context_size
-        tails = [p[-C:] for p in prompts]
-        ctx = np.zeros((B, C), np.int32)
-        val = np.zeros((B, C), np.float32)
-        for b, t in enumerate(tails):
-            if t:
-                ctx[b, C - len(t) :] = t
-                val[b, C - len(t) :] = 1.0
-        context = mx.repeat(mx.array(ctx), G, axis=0)
-        valid = mx.repeat(mx.array(val), G, axis=0)
-
-    def sample(step_logits, step_key, live, ctx, val):
-        counts = penalty_counts(ctx, val, vocab_size) if ctx is not None else None
-        out = sampler(step_logits, step_uniforms(step_key, live + row_offset, draw_rows), counts)
-        if ctx is not None:
-            ctx = mx.concatenate([ctx[:, 1:], out.tokens[:, None]], axis=1)
-            val = mx.concatenate([val[:, 1:], mx.ones((val.shape[0], 1), val.dtype)], axis=1)
-        return out, ctx, val
-
-    live = mx.arange(N)  # output row of each batch position, on the device
-    key, sub = mx.random.split(key)
-    cur, context, valid = sample(logits, sub, live, context, valid)
-    mx.eval(cur.tokens, cur.logprobs, cur.truncated_logprobs)  # so prefill_seconds is complete
-    stats.prompt_tokens += sum(lengths)
-    stats.prefill_seconds += time.perf_counter() - tic
-
-    # ---- decode ----
-    tic = time.perf_counter()
-    rows = list(range(N))  # batch position -> output row
-    out_ids: list[list[int]] = [[] for _ in range(N)]
-    out_lp: list[list[float]] = [[] for _ in range(N)]
-    out_tlp: list[list[float]] = [[] for _ in range(N)]
-    finish: list[str | None] = [None] * N
-    riding = 0  # finished rows still in the batch (dropped at the next compaction)
-
-    for step in range(max_new):
-        nxt = None
-        if step + 1 < max_new:
-            # Queue step t+1 before reading step t (rows that turn out finished ride along).
-            step_logits = model(cur.tokens[:, None], cache=cache)[:, -1, :]
-            key, sub = mx.random.split(key)
-            nxt, next_context, next_valid = sample(step_logits, sub, live, context, valid)
-            mx.async_eval(nxt.tokens, nxt.logprobs, nxt.truncated_logprobs)
-            stats.decode_steps += 1
-            stats.row_steps += len(rows)
-
-        toks = cur.tokens.tolist()
-        lps = cur.logprobs.tolist()
-        tlps = cur.truncated_logprobs.tolist()
-        for i, r in enumerate(rows):
-            if finish[r] is not None:
-                continue
-            t = toks[i]
-            out_ids[r].append(t)
-            out_lp[r].append(lps[i])
-            out_tlp[r].append(tlps[i])
-            if t in eos_ids or (stopper and stopper.completed(out_ids[r])):
-                finish[r] = "stop"
-            elif len(out_ids[r]) >= max_new:
-                finish[r] = "length"
-            if finish[r] is not None:
-                riding += 1
-
-        if nxt is None or riding == len(rows):
-            break
-        if _compact_due(riding, len(rows)):
-            keep = [i for i, r in enumerate(rows) if finish[r] is None]
-            for c in cache:
-                c.filter(keep)
-            idx = mx.array(keep)
-            nxt = type(nxt)(nxt.tokens[idx], nxt.logprobs[idx], nxt.truncated_logprobs[idx])
-            if next_context is not None:
-                next_context, next_valid = next_context[idx], next_valid[idx]
-            rows = [rows[i] for i in keep]
-            live = mx.array(rows)
-            riding = 0
-            stats.compactions += 1
-        cur = nxt
+        # Penalty context: the last C tokens of prompt + completion per row, as [N, C] ids + validity.
+        context = valid = None
         if sampler.uses_penalties:
-            context, valid = next_context, next_valid
+            C = sampling.repetition_context_size
+            tails = [p[-C:] for p in prompts]
+            ctx = np.zeros((B, C), np.int32)
+            val = np.zeros((B, C), np.float32)
+            for b, t in enumerate(tails):
+                if t:
+                    ctx[b, C - len(t) :] = t
+                    val[b, C - len(t) :] = 1.0
+            context = mx.repeat(mx.array(ctx), G, axis=0)
+            valid = mx.repeat(mx.array(val), G, axis=0)
 
-    del cache, cur, nxt
-    stats.decode_seconds += time.perf_counter() - tic
-    return _assemble(
-        tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, stopper, stats
-    )
+        def sample(step_logits, step_key, live, ctx, val):
+            counts = penalty_counts(ctx, val, vocab_size) if ctx is not None else None
+            out = sampler(step_logits, step_uniforms(step_key, live + row_offset, draw_rows), counts)
+            if ctx is not None:
+                ctx = mx.concatenate([ctx[:, 1:], out.tokens[:, None]], axis=1)
+                val = mx.concatenate([val[:, 1:], mx.ones((val.shape[0], 1), val.dtype)], axis=1)
+            return out, ctx, val
+
+        live = mx.arange(N)  # output row of each batch position, on the device
+        key, sub = mx.random.split(key)
+        cur, context, valid = sample(logits, sub, live, context, valid)
+        mx.eval(cur.tokens, cur.logprobs, cur.truncated_logprobs)  # so prefill_seconds is complete
+        stats.prompt_tokens += sum(lengths)
+        stats.prefill_seconds += time.perf_counter() - tic
+
+        # ---- decode ----
+        tic = time.perf_counter()
+        rows = list(range(N))  # batch position -> output row
+        out_ids: list[list[int]] = [[] for _ in range(N)]
+        out_lp: list[list[float]] = [[] for _ in range(N)]
+        out_tlp: list[list[float]] = [[] for _ in range(N)]
+        finish: list[str | None] = [None] * N
+        riding = 0  # finished rows still in the batch (dropped at the next compaction)
+
+        for step in range(max_new):
+            nxt = None
+            if step + 1 < max_new:
+                # Queue step t+1 before reading step t (rows that turn out finished ride along).
+                step_logits = model(cur.tokens[:, None], cache=cache)[:, -1, :]
+                key, sub = mx.random.split(key)
+                nxt, next_context, next_valid = sample(step_logits, sub, live, context, valid)
+                mx.async_eval(nxt.tokens, nxt.logprobs, nxt.truncated_logprobs)
+                stats.decode_steps += 1
+                stats.row_steps += len(rows)
+
+            toks = cur.tokens.tolist()
+            lps = cur.logprobs.tolist()
+            tlps = cur.truncated_logprobs.tolist()
+            for i, r in enumerate(rows):
+                if finish[r] is not None:
+                    continue
+                t = toks[i]
+                out_ids[r].append(t)
+                out_lp[r].append(lps[i])
+                out_tlp[r].append(tlps[i])
+                if t in eos_ids or (stopper and stopper.completed(out_ids[r])):
+                    finish[r] = "stop"
+                elif len(out_ids[r]) >= max_new:
+                    finish[r] = "length"
+                if finish[r] is not None:
+                    riding += 1
+
+            if nxt is None or riding == len(rows):
+                break
+            if _compact_due(riding, len(rows)):
+                keep = [i for i, r in enumerate(rows) if finish[r] is None]
+                for c in cache:
+                    c.filter(keep)
+                idx = mx.array(keep)
+                nxt = type(nxt)(nxt.tokens[idx], nxt.logprobs[idx], nxt.truncated_logprobs[idx])
+                if next_context is not None:
+                    next_context, next_valid = next_context[idx], next_valid[idx]
+                rows = [rows[i] for i in keep]
+                live = mx.array(rows)
+                riding = 0
+                stats.compactions += 1
+            cur = nxt
+            if sampler.uses_penalties:
+                context, valid = next_context, next_valid
+
+        del cache, cur, nxt
+        stats.decode_seconds += time.perf_counter() - tic
+        return _assemble(
+            tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, stopper, stats
+        )
 
 
 def _assemble(tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, stopper, stats):

@@ -9,7 +9,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..config import GRPOConfig
-from ..kernels import on_cpu
+from ..cpu.kernels import on_cpu
 from ..errors import MlxRftError
 
 

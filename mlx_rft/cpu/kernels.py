@@ -16,17 +16,20 @@ tests/test_kernels.py:
   0.17 against 0.46 ms per layer) and the sampler's per-step exponentials (~3 ns per element on
   [16, 49152], within 1e-7 relative of float64; on large arrays it is no faster than `mx.exp`).
 
-`install(model)` points the `swiglu` and `scaled_dot_product_attention` names that mlx-lm's model
-files call at the functions below (process-wide, for the modules that define `model`'s layers);
-`load_model` and the rollout engine call it. CPU only: on GPUs every function here falls through
-to MLX, and inside `graph_only()` (gradient checkpointing) nothing syncs: SwiGLU, attention and
-the log-softmax use MLX's own ops. MLX_RFT_FAST_KERNELS=0 keeps mlx-lm's functions.
+`patched(model)` is a block within which the `swiglu` and `scaled_dot_product_attention` names
+that mlx-lm's model files call point at the functions below (for the modules that define `model`'s
+layers); on exit they are mlx-lm's own again. `mlx_rft.cpu.speedups` enters it. CPU only: on GPUs
+every function here falls through to MLX, and inside `graph_only()` (gradient checkpointing)
+nothing syncs: SwiGLU, attention and the log-softmax use MLX's own ops. MLX_RFT_FAST_KERNELS=0
+keeps mlx-lm's functions.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
+from collections import Counter
 from contextlib import contextmanager
 from functools import partial
 
@@ -353,11 +356,11 @@ def log_normalizer(z: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     return m, e, m + mx.log(row_sum(e))
 
 
-# ---------------------------------------------------------------- installing into a model
+# ---------------------------------------------------------------- patching mlx-lm's model modules
 
 
 def mlx_lm_swiglu():
-    """mlx-lm's own SwiGLU (`install` patches the model modules' globals, never this one)."""
+    """mlx-lm's own SwiGLU (`patched` swaps the model modules' globals, never this one)."""
     from mlx_lm.models.activations import swiglu as stock
 
     return stock
@@ -368,6 +371,9 @@ def mlx_lm_attention():
     from mlx_lm.models.base import scaled_dot_product_attention as stock
 
     return stock
+
+
+PATCHABLE = ("swiglu", "scaled_dot_product_attention")
 
 
 def enabled() -> bool:
@@ -382,36 +388,55 @@ def _patches() -> dict:
     }
 
 
-def _swap(modules, names, restore: bool) -> list[str]:
-    """Point each mlx-lm model module's global in `names` from mlx-lm's function to ours (or back
-    when `restore`), where it still holds the one being replaced; returns "module.name" for each."""
-    swapped = []
-    for module_name, module in modules:
-        if not module_name.startswith("mlx_lm.models."):
-            continue
-        for attr, (stock, ours) in _patches().items():
-            old, new = (ours, stock) if restore else (stock, ours)
-            if attr in names and getattr(module, attr, None) is old:
-                setattr(module, attr, new)
-                swapped.append(f"{module_name}.{attr}")
-    return swapped
+_lock = threading.Lock()
+_holders: Counter = Counter()  # (module name, global name) -> open `patched` blocks that swapped it
 
 
-def install(model) -> list[str]:
-    """Point the mlx-lm modules that define `model`'s layers at `swiglu` and
-    `scaled_dot_product_attention`; returns what it patched.
+def _targets(model, names) -> list[tuple[str, str]]:
+    if model is None:  # every mlx-lm model module imported so far
+        modules = [n for n, m in list(sys.modules.items()) if m is not None]
+    else:
+        modules = {type(m).__module__ for m in model.modules()} | {type(model).__module__}
+    # Not the modules that define mlx-lm's functions: those stay the reference to restore.
+    own = ("mlx_lm.models.activations", "mlx_lm.models.base")
+    return [(m, a) for m in sorted(modules) if m.startswith("mlx_lm.models.") and m not in own
+            for a in names]
 
-    Only a module global that is still mlx-lm's own function is replaced, so this is idempotent.
-    The change is process-wide for those modules (their other models use it too); both functions
-    fall back to mlx-lm's off the CPU or for inputs they do not cover.
+
+@contextmanager
+def patched(model=None, names=PATCHABLE):
+    """Within this block mlx-lm's model modules call `swiglu` and `scaled_dot_product_attention`
+    from here; yields the "module.name" globals swapped.
+
+    The modules are those that define `model`'s layers (with `model=None`: every `mlx_lm.models.*`
+    module imported at entry). Only a global that holds mlx-lm's own function is swapped, and it is
+    mlx-lm's again once the last block holding it exits, so blocks nest, may overlap from several
+    threads, and leave a global someone else replaced alone. Both functions fall back to mlx-lm's
+    off the CPU or for inputs they do not cover. Does nothing when `enabled()` is false.
     """
-    if not enabled():
-        return []
-    names = {type(m).__module__ for m in model.modules()} | {type(model).__module__}
-    return _swap([(n, sys.modules.get(n)) for n in sorted(names)], _patches(), restore=False)
-
-
-def uninstall(names=None) -> list[str]:
-    """Undo `install` everywhere, for the given global names (default: all); benchmarks use it to
-    time mlx-lm's own functions."""
-    return _swap(list(sys.modules.items()), _patches() if names is None else names, restore=True)
+    held = []
+    if enabled():
+        patches = {a: p for a, p in _patches().items() if a in names}
+        with _lock:
+            for module_name, attr in _targets(model, patches):
+                module = sys.modules.get(module_name)
+                stock, ours = patches[attr]
+                current = getattr(module, attr, None)
+                if current is stock or (current is ours and _holders[module_name, attr]):
+                    setattr(module, attr, ours)
+                    _holders[module_name, attr] += 1
+                    held.append((module_name, attr))
+    try:
+        yield [f"{m}.{a}" for m, a in held]
+    finally:
+        if held:
+            patches = _patches()
+            with _lock:
+                for module_name, attr in held:
+                    _holders[module_name, attr] -= 1
+                    if _holders[module_name, attr] == 0:
+                        del _holders[module_name, attr]
+                        module = sys.modules.get(module_name)
+                        stock, ours = patches[attr]
+                        if getattr(module, attr, None) is ours:
+                            setattr(module, attr, stock)

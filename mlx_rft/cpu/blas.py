@@ -1,9 +1,16 @@
-"""Fast float32 matmul for MLX on Linux CPU.
+"""Fast float32 matmul for MLX's Linux CPU wheel: the one speed-up that cannot be scoped.
 
-The Linux `mlx[cpu]` wheel resolves `cblas_sgemm` from a slow reference BLAS (~6 GFLOP/s on a
-2-core x86 machine). Loading an optimized BLAS that exports the same symbol with RTLD_GLOBAL
-*before* `mlx.core` is imported makes the dynamic linker bind MLX's calls to it instead
-(measured ~55x faster, see BENCHMARKS.md). This module must not import mlx itself.
+The Linux `mlx[cpu]` wheel (the `mlx-cpu` distribution) resolves `cblas_sgemm` from a slow
+reference BLAS (~6 GFLOP/s on a 2-core x86 machine). Loading an optimized BLAS that exports the
+same symbol with RTLD_GLOBAL *before* `mlx.core` is imported makes the dynamic linker bind MLX's
+calls to it instead (25-60x faster GEMM, see BENCHMARKS.md). A shared library cannot be unloaded
+or rebound afterwards, so this one is process-wide by nature; it changes which library computes
+the products, nothing in mlx-lm's or MLX's Python state.
+
+`mlx_rft/__init__.py` calls `ensure_fast_blas()` first thing, which is the only place it runs
+from. It does nothing unless the installed MLX is the CPU wheel on Linux: which wheel is installed
+is read from the package metadata, without importing mlx (a CUDA or Metal build never loads a CPU
+BLAS). This module must not import mlx itself.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import platform
 import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 logger = logging.getLogger("mlx_rft")
@@ -64,6 +72,33 @@ def _candidates() -> list[str]:
     return unique
 
 
+# The distributions that ship `libmlx` on Linux: `mlx[cpu]` installs the first, `mlx[cuda]` one of
+# the others.
+CPU_WHEEL = "mlx-cpu"
+GPU_WHEELS = ("mlx-cuda-12", "mlx-cuda-13", "mlx-cuda")
+
+
+def _installed(dist: str) -> bool:
+    try:
+        metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def cpu_wheel_reason() -> str | None:
+    """Why no CPU BLAS is needed here (None when MLX is the Linux CPU wheel), from the platform and
+    the installed MLX distributions; imports nothing of MLX."""
+    if platform.system() != "Linux":
+        return f"not needed on {platform.system()}"  # macOS MLX uses Accelerate
+    gpu = [d for d in GPU_WHEELS if _installed(d)]
+    if gpu:
+        return f"not needed with MLX's CUDA wheel ({gpu[0]})"
+    if not _installed(CPU_WHEEL):
+        return f"MLX is not the {CPU_WHEEL} wheel (a source build links its own BLAS)"
+    return None
+
+
 def _try_load(path: str) -> bool:
     try:
         lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -75,14 +110,15 @@ def _try_load(path: str) -> bool:
 def ensure_fast_blas() -> BlasStatus:
     """Load an optimized BLAS globally before MLX, once per process.
 
-    Honours MLX_RFT_BLAS: a library path, or `none` to keep MLX's bundled BLAS.
-    Only Linux needs this; macOS MLX uses Accelerate.
+    Honours MLX_RFT_BLAS: a library path, or `none` to keep MLX's bundled BLAS. Only the Linux
+    CPU wheel needs this (`cpu_wheel_reason`); elsewhere it loads nothing.
     """
     global _status
     if _status is not None:
         return _status
-    if platform.system() != "Linux":
-        _status = BlasStatus(None, f"not needed on {platform.system()}")
+    reason = cpu_wheel_reason()
+    if reason is not None:
+        _status = BlasStatus(None, reason)
         return _status
     if "mlx.core" in sys.modules:
         _status = BlasStatus(None, "mlx.core was imported before mlx_rft; too late to swap BLAS")
