@@ -26,8 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_rft.algo.logprobs import sequence_logprobs
 from mlx_rft.models import load_model
+from mlx_rft.policy.logprobs import sequence_logprobs
 from mlx_rft.testing import write_tiny_model
 
 

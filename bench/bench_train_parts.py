@@ -23,11 +23,11 @@ import numpy as np
 from mlx.utils import tree_map
 
 from mlx_rft import kernels
-from mlx_rft.algo.logprobs import sequence_logprobs
 from mlx_rft.config import GRPOConfig
 from mlx_rft.data import PromptDataset
 from mlx_rft.models import load_model
 from mlx_rft.policy.adapters import adapters_fused
+from mlx_rft.policy.logprobs import sequence_logprobs
 from mlx_rft.rollout import RolloutStats, generate_rollouts
 from mlx_rft.tasks import load_task
 from mlx_rft.train.optim import CompiledApply, build_optimizer

@@ -73,9 +73,9 @@ def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None, 
     import numpy as np
 
     from mlx_rft import kernels
-    from mlx_rft.algo import logprobs
-    from mlx_rft.algo.logprobs import sequence_logprobs
     from mlx_rft.models import load_model
+    from mlx_rft.policy import logprobs
+    from mlx_rft.policy.logprobs import sequence_logprobs
 
     model, _ = load_model(model_arg)
     rng = np.random.default_rng(0)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_rft.algo.logprobs import sequence_logprobs, sequence_logprobs_reference
 from mlx_rft.errors import MlxRftError
 from mlx_rft.models import load_model
+from mlx_rft.policy.logprobs import sequence_logprobs, sequence_logprobs_reference
 
 TEMPERATURE = 0.7
 G = 2
@@ -268,7 +268,7 @@ def test_chunking_keeps_the_head_under_the_memory_limit(tiny_model_factory):
 def test_length_buckets_is_the_least_wasteful_split():
     from itertools import combinations
 
-    from mlx_rft.algo.logprobs import length_buckets
+    from mlx_rft.policy.logprobs import length_buckets
 
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -289,7 +289,7 @@ def test_length_buckets_is_the_least_wasteful_split():
 
 
 def test_length_buckets_split_a_long_row_from_short_ones():
-    from mlx_rft.algo.logprobs import length_buckets
+    from mlx_rft.policy.logprobs import length_buckets
 
     groups = length_buckets([20, 20, 64, 19, 0, 21], cost=64)
     assert [g.tolist() for g in groups] == [[0, 1, 3, 5], [2]]  # 4 x 21 + 64 + 64 + 64 < 5 x 64 + 64
@@ -299,7 +299,7 @@ def test_length_buckets_split_a_long_row_from_short_ones():
 @pytest.mark.parametrize("cost", [0, 3])
 def test_length_bucketed_values_and_gradients_match_the_reference(model, monkeypatch, cost):
     """Several length buckets (cost 0 splits as far as MAX_BUCKETS allows) change nothing."""
-    import mlx_rft.algo.logprobs as lp_module
+    import mlx_rft.policy.logprobs as lp_module
 
     monkeypatch.setattr(lp_module, "BUCKET_COST_TOKENS", cost)
     prompts, ids, mask = batch(5)
@@ -318,7 +318,7 @@ def test_checkpointed_gradients_match_the_reference(model):
     """Checkpointed blocks recompute the same forward: values and gradients are unchanged, over
     prompt sharing, length buckets, chunked heads and the unshared path. The patched block
     classes are restored afterwards."""
-    from mlx_rft.algo.logprobs import checkpointed_layers
+    from mlx_rft.policy.checkpointing import checkpointed_layers
 
     prompts, ids, mask = batch(6)
     w = mx.array(np.random.default_rng(6).normal(size=ids.shape).astype(np.float32))
@@ -341,7 +341,7 @@ def test_checkpointed_lora_gradients(tiny_model_factory):
     """Under LoRA only the adapters are block inputs; their gradients match the plain pass."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from mlx_rft.algo.logprobs import checkpointed_layers
+    from mlx_rft.policy.checkpointing import checkpointed_layers
 
     model, _ = load_model(tiny_model_factory("qwen3"), dtype="float32")
     model.freeze()
@@ -367,7 +367,7 @@ def test_checkpointed_lora_gradients(tiny_model_factory):
 
 def test_checkpointing_lowers_the_gradient_pass_peak(tiny_model_factory):
     """Activation memory: a 6-block model over 4 x 128 tokens peaks well below the plain pass."""
-    from mlx_rft.algo.logprobs import checkpointed_layers
+    from mlx_rft.policy.checkpointing import checkpointed_layers
 
     model, _ = load_model(
         tiny_model_factory("qwen3", num_hidden_layers=6, hidden_size=128, intermediate_size=512),

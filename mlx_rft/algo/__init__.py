@@ -1,4 +1,6 @@
-"""GRPO-family algorithm core: per-token log-probs, group advantages, and the loss variants.
+"""GRPO-family algorithm core, pure array maths: group advantages and the loss variants.
+
+The log-probs they take come from running the model (`mlx_rft.policy.logprobs`):
 
     logp, entropy = sequence_logprobs(model, prompt_ids, completion_ids, mask, G, temperature)
     adv = group_advantages(rewards, G, scale="group")
@@ -7,7 +9,6 @@
 """
 
 from .advantages import AdvantageResult, RewardMoments, group_advantages
-from .logprobs import sequence_logprobs, sequence_logprobs_reference
 from .losses import (
     LOSSES,
     LossConfig,
@@ -27,6 +28,4 @@ __all__ = [
     "group_advantages",
     "high_entropy_mask",
     "mask_truncated_completions",
-    "sequence_logprobs",
-    "sequence_logprobs_reference",
 ]
