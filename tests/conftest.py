@@ -20,7 +20,10 @@ REAL_MODEL_FIXTURES = ("default_model_dir", "smollm")
 
 def pytest_configure(config):
     # Before any test (and every subprocess a test starts) resolves the default model's folder.
-    os.environ["MLX_RFT_HOME"] = str(config.cache.mkdir("mlx-rft-home"))
+    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
+    home = cache.mkdir("mlx-rft-home") if cache else config.rootpath / ".pytest_cache" / "d" / "mlx-rft-home"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["MLX_RFT_HOME"] = str(home)
 
 
 def pytest_collection_modifyitems(config, items):
