@@ -199,3 +199,12 @@ def test_doctor_reports_the_machine_and_the_default_model(tmp_path):
 def test_doctor_finds_the_imported_default_model(default_model_dir):
     text = cli("doctor", "--gemm-size", 64).stdout
     assert f"imported at {default_model_dir}" in text
+
+
+def test_the_console_script_is_the_same_cli():
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("mlx-rft")
+    assert script.exists(), "pip install -e . puts mlx-rft next to the interpreter"
+    r = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == cli("--help").stdout

@@ -13,6 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_rft import GRPOConfig, GRPOTrainer
+from mlx_rft.errors import MlxRftError
 from mlx_rft.models import load_model
 
 from test_trainer import ROWS, _final_state, digit_share, initial_state, make_cfg
@@ -264,3 +265,41 @@ def test_health_alarms_fire_inside_a_run(tiny_qwen3, tmp_path, capsys):
     assert steps[3]["health/frozen_params"] == 1.0
     assert steps[1].get("health/frozen_params", 0.0) == 0.0
     assert all(math.isfinite(steps[s]["loss"]) for s in steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's loss families and its Python API example
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="grpo", scale_rewards="group"),
+    dict(loss_type="bnpo", scale_rewards="batch"),
+    dict(loss_type="dr_grpo", scale_rewards="none"),
+    dict(loss_type="dapo", importance_sampling_level="sequence", epsilon_high=0.28),  # GSPO
+    dict(loss_type="cispo", epsilon_high=0.5, delta=4.0),
+    dict(loss_type="grpo", drop_zero_std_groups=True, mask_truncated_completions=False, top_entropy_quantile=0.5),
+], ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_each_loss_family_trains(tiny_qwen3, tmp_path, options):
+    """Two steps with a second pass per batch (so ratios leave 1 and the clipping rules act)."""
+    cfg = make_cfg(tiny_qwen3, tmp_path, num_steps=2, num_iterations=2, learning_rate=1e-2, eval_size=2,
+                   **options)
+    t = GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS)
+    hist = steps_of(t.train())
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    assert hist[-1]["update_norm"] > 0
+    if options.get("top_entropy_quantile"):
+        assert 0 < hist[-1]["tokens/in_loss"] < hist[-1]["tokens/completion"]
+
+
+@pytest.mark.xfail(strict=True, raises=MlxRftError, reason="data.py train_eval_split refuses 32 copies of one prompt "
+                   "('every held-out candidate repeats a prompt more than 31 times; raise eval_size'), "
+                   "so the README's Python API example stops before training")
+def test_the_readme_python_api_example(tiny_qwen3, tmp_path):
+    """The README's example as written, on the tiny model (and short completions, two steps)."""
+    def reward_len(prompts, completions, **columns):
+        return [-abs(20 - len(c)) / 20 for c in completions]
+
+    cfg = GRPOConfig(num_steps=2, output_dir=str(tmp_path / "short"), model=str(tiny_qwen3), max_new_tokens=8)
+    res = GRPOTrainer(cfg, reward_funcs=[reward_len], train_dataset=[{"prompt": "Say hi"}] * 32).train()
+    assert res.steps == 2 and (tmp_path / "short" / "report.html").exists()
+    assert "rewards/reward_len/mean" in steps_of(res)[-1]
