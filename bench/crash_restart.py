@@ -32,7 +32,7 @@ def train_cmd(model: Path, data: Path, reward: Path, out: Path, steps: int) -> l
     return [
         sys.executable, "-m", "mlx_rft", "train", "--model", str(model), "--train-file", str(data),
         "--reward-funcs", f"{reward}:digits", "--output-dir", str(out), "--num-steps", str(steps),
-        "--max-new-tokens", "8", "--group-size", "4", "--prompts-per-step", "2", "--eval-size", "4",
+        "--max-new-tokens", "24", "--group-size", "4", "--prompts-per-step", "2", "--eval-size", "4",
         "--lora-rank", "4", "--learning-rate", "1e-2", "--save-every", "3", "--keep-last", "2",
         "--seed", "7", "--progress", "false", "--resume", "auto",
     ]
@@ -48,14 +48,22 @@ def final_weights(out: Path) -> dict:
 
 
 def logged_steps(out: Path) -> list[int]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    if not (out / "metrics.jsonl").is_file():
+        return []
+    rows = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line torn by SIGKILL (the resumed run drops it)
+            pass
     return [r["step"] for r in rows if "loss" in r]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=20, help="signals to send before letting the run finish")
-    p.add_argument("--steps", type=int, default=12, help="training steps of the job")
+    p.add_argument("--steps", type=int, default=30, help="training steps of the job")
+    p.add_argument("--min-delay", type=float, default=0.5, help="shortest wait before a kill (s)")
     p.add_argument("--max-delay", type=float, default=8.0, help="longest wait before a kill (s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the killer's choices")
     args = p.parse_args()
@@ -76,6 +84,7 @@ def main() -> None:
 
         out = tmp / "killed"
         kills = {"SIGKILL": 0, "SIGTERM": 0}
+        mid_training = 0  # kills that landed after the start had logged a training step
         exit_codes: dict[int, int] = {}
         starts = 0
         t0 = time.time()
@@ -83,25 +92,28 @@ def main() -> None:
             starts += 1
             proc = subprocess.Popen(train_cmd(model, data, reward, out, args.steps),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            logged_before = len(logged_steps(out))
             if sum(kills.values()) < args.kills:
                 try:
-                    proc.wait(timeout=rng.uniform(0.2, args.max_delay))
+                    proc.wait(timeout=rng.uniform(args.min_delay, args.max_delay))
                 except subprocess.TimeoutExpired:
                     sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+                    mid_training += len(logged_steps(out)) > logged_before
                     proc.send_signal(sig)
                     kills[sig.name] += 1
             _, err = proc.communicate(timeout=600)
             exit_codes[proc.returncode] = exit_codes.get(proc.returncode, 0) + 1
             if proc.returncode not in (0, 143, -9, 130, -15):
                 sys.exit(f"unexpected exit {proc.returncode}:\n{err[-3000:]}")
-            if proc.returncode == 0 and sum(kills.values()) >= args.kills:
+            if proc.returncode == 0:  # finished: every kill so far was survived
                 break
 
         a, b = final_weights(ref), final_weights(out)
         diff = max(float(abs(a[k] - b[k]).max()) for k in a) if a.keys() == b.keys() else float("inf")
         steps = logged_steps(out)
         print(json.dumps({
-            "kills": kills, "starts": starts, "exit_codes": exit_codes,
+            "kills": kills, "kills_during_training": mid_training, "starts": starts,
+            "exit_codes": exit_codes,
             "max_weight_difference": diff, "every_step_logged_once": steps == list(range(1, args.steps + 1)),
             "wall_s": round(time.time() - t0, 1),
         }, indent=2))

@@ -108,6 +108,12 @@ def plan_run(cfg: GRPOConfig, model_dir: Path) -> RunPlan:
         return plan
     if cfg.resume is None:
         if present:
+            if not ckpt.checkpoint_steps(run_dir / "checkpoints"):
+                raise MlxRftError(
+                    f"{run_dir} holds a run that stopped before its first checkpoint "
+                    f"({', '.join(present)}); start it afresh with --resume auto or --overwrite, "
+                    "or pick a new --output-dir"
+                )
             raise MlxRftError(
                 f"{run_dir} already holds a run ({', '.join(present)}); continue it with "
                 "--resume latest (or --resume auto), pick a new --output-dir, or pass --overwrite "

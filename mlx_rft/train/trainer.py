@@ -1,8 +1,9 @@
 """The GRPO-family training loop.
 
-One step: prompts -> rollouts (G per prompt) -> rewards (once) -> group advantages ->
-reference log-probs (beta > 0 only) -> `num_iterations` optimizer updates, each accumulating
-gradients over `gradient_accumulation_steps` micro-batches -> metrics -> checkpoint.
+One step (`train/step.py` names its stages and records): prompts -> rollouts (G per prompt) ->
+rewards (once) -> group advantages -> reference log-probs (beta > 0 only) -> micro-batches ->
+`num_iterations` optimizer updates, each accumulating gradients over the micro-batches ->
+metrics -> checkpoint.
 
 Kept from the GRPO/DAPO papers: group-relative advantages, clipped importance ratios, optional
 k3 KL to a frozen reference. The old-policy log-probs are the behaviour log-probs the rollout
@@ -12,8 +13,8 @@ spent on them. Seeds are derived from (seed, step), so a resumed run replays the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,26 +26,32 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from .. import cpu
+from ..algo.advantages import RewardMoments, group_advantages
 from ..config import GRPOConfig
+from ..data import PromptDataset, PromptSampler, load_prompt_dataset, train_eval_split
 from ..errors import MlxRftError
-from ..evaluate import columns_per_row
+from ..evaluate import columns_per_row, evaluate_prompts
+from ..health import HealthMonitor
+from ..models import load_model, resolve_model_path
 from ..policy.adapters import adapters_fused
+from ..policy.logprobs import sequence_logprobs
+from ..rewards import RewardSet, resolve_reward
+from ..rewards.base import RewardResult
+from ..rollout import generate_rollouts
+from ..tasks import DEFAULT_TASK, load_task
 from ..types import PromptExample, RolloutBatch, SamplingConfig
 from . import checkpoint as ckpt
 from . import run_folder
+from .distributed import init_world
 from .metrics import build_reporters, format_step_line, write_report
 from .optim import CompiledApply, build_optimizer, squared_distance
-from .distributed import init_world
-from .signals import GracefulStop
 from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
-
-
-# LossStats fields -> metric names (the health monitor reads clip/region_frac).
-STAT_NAMES = {
-    "clip_low": "clip/low_frac", "clip_high": "clip/high_frac", "clip_region": "clip/region_frac",
-    "ratio_mean": "ratio/mean", "kl_mean": "kl", "entropy_mean": "entropy",
-    "num_tokens": "tokens/completion", "num_loss_tokens": "tokens/in_loss",
-}
+from .signals import GracefulStop
+from .step import (
+    BatchFn, LossFn, Trajectory, TrainBatch, UpdateStats, combine_loss_stats, grpo_loss,
+    rollout_records, row_keep, step_metrics, train_batches,
+)
 
 
 @dataclass
@@ -56,6 +63,16 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     exit_code: int = 0  # 128 + the signal that stopped the run (130 Ctrl-C, 143 SIGTERM)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores: the step reached, the data position and the history."""
+
+    step: int
+    sampler: PromptSampler
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_before: dict[str, float] = field(default_factory=dict)
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -74,6 +91,10 @@ class GRPOTrainer:
     strings (built-in names, `module:function`, `file.py:function`). Empty: the task's own.
     train_dataset / eval_dataset: lists of row dicts (`prompt` or `messages` + columns), or None
     to use `config.train_file` / `config.task` / the default task.
+    loss: a `train.step.LossFn` `(model, TrainBatch, totals) -> (loss, stats)` instead of the
+    configured GRPO-family loss; batches: a `train.step.BatchFn` `(Trajectory, config) ->
+    (TrainBatch list, row indices)` instead of `train_batches`. Both are seams for new
+    algorithms: the rest of the step stays as it is.
     """
 
     def __init__(
@@ -86,6 +107,8 @@ class GRPOTrainer:
         model: nn.Module | None = None,
         tokenizer: Any = None,
         console: Any = None,
+        loss: LossFn | None = None,
+        batches: BatchFn | None = None,
     ):
         self.cfg = config.validate()
         self._reward_specs = list(reward_funcs or [])
@@ -94,7 +117,22 @@ class GRPOTrainer:
         self.model = model
         self.tokenizer = tokenizer
         self.console = console
-        self.eval_reward = None
+        self.loss_fn = loss or grpo_loss(self.cfg)
+        self.make_batches = batches or train_batches
+        # Filled by train(): the process group, the model folder and the trainable setup...
+        self.world = None
+        self.model_dir: Path | None = None
+        self.fingerprint = ""
+        self.optimizer = self.apply_update = self.reference = self.adapter_cfg = None
+        self.param_counts = None
+        # ... the data and rewards ...
+        self.train_data: PromptDataset | None = None
+        self.eval_data: PromptDataset | None = None
+        self.rewards: RewardSet | None = None
+        self.eval_reward: RewardSet | None = None
+        # ... and the run's watchers.
+        self.health = HealthMonitor(log_warnings=False)
+        self.unscored_steps = 0
 
     # ------------------------------------------------------------------ setup
     def _log(self, msg: str) -> None:
@@ -104,15 +142,13 @@ class GRPOTrainer:
             print(msg, flush=True)
 
     def _setup_model(self) -> None:
-        from ..models import load_model
-
         cfg = self.cfg
         if self.model is None:
             self.model, self.tokenizer = load_model(self.model_dir, dtype=cfg.dtype)
         mx.random.seed(cfg.seed)  # LoRA initialisation
-        self.num_adapted_layers = setup_trainable(self.model, cfg)
+        num_adapted_layers = setup_trainable(self.model, cfg)
         self.adapter_cfg = (
-            None if cfg.finetune_type == "full" else adapter_config(cfg, self.num_adapted_layers)
+            None if cfg.finetune_type == "full" else adapter_config(cfg, num_adapted_layers)
         )
         self.param_counts = count_parameters(self.model)
         self.reference = ReferencePolicy(
@@ -122,10 +158,6 @@ class GRPOTrainer:
         self.apply_update = CompiledApply(self.model, self.optimizer, cfg.max_grad_norm)
 
     def _setup_data(self) -> None:
-        from ..data import PromptDataset, load_prompt_dataset, train_eval_split
-        from ..rewards import RewardSet, resolve_reward
-        from ..tasks import DEFAULT_TASK, load_task
-
         cfg = self.cfg
         task = None
         rows = self._train_rows
@@ -152,10 +184,11 @@ class GRPOTrainer:
             held_out = min(cfg.eval_size, len(train) - 1)
             train, evals = train_eval_split(train, eval_size=held_out, seed=cfg.seed)
             if len(train) < max(cfg.prompts_per_step, held_out):
+                total = len(train) + len(evals)
                 raise MlxRftError(
-                    f"{len(train) + len(evals)} distinct prompts leave {len(train)} for training "
-                    f"once {len(evals)} are held out (eval_size {cfg.eval_size}); give more rows, "
-                    f"a separate --eval-file, or a smaller --eval-size (e.g. {max(1, (len(train) + len(evals)) // 4)})"
+                    f"{total} distinct prompts leave {len(train)} for training once {len(evals)} "
+                    f"are held out (eval_size {cfg.eval_size}); give more rows, a separate "
+                    f"--eval-file, or a smaller --eval-size (e.g. {max(1, total // 4)})"
                 )
         if train.skipped_bad:
             self._log(f"skipped {train.skipped_bad} malformed rows of {train.source}")
@@ -181,15 +214,13 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ pieces
     def generate(self, examples: Sequence[PromptExample], group_size: int, sampling, seed, **kw) -> RolloutBatch:
-        from ..rollout import generate_rollouts
-
         with adapters_fused(self.model):
             return generate_rollouts(
                 self.model, self.tokenizer, [e.prompt_ids for e in examples], group_size, sampling,
                 seed=seed, **kw,
             )
 
-    def score(self, reward_set, examples, rollouts: RolloutBatch):
+    def score(self, reward_set: RewardSet, examples, rollouts: RolloutBatch) -> RewardResult:
         """Run every reward function once on the step's completions."""
         prompts = [e.prompt for e in examples for _ in range(rollouts.group_size)]
         columns = columns_per_row(examples, rollouts.group_size)
@@ -199,8 +230,6 @@ class GRPOTrainer:
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Held-out score with the first reward (pass@1; pass@k when eval_k > 1)."""
-        from ..evaluate import evaluate_prompts
-
         cfg = self.cfg
         temp = cfg.eval_temperature if cfg.eval_k == 1 else (cfg.eval_temperature or 1.0)
         sampling = dataclasses.replace(
@@ -218,7 +247,70 @@ class GRPOTrainer:
             )
         return out
 
-    def _check_scored(self, step: int, rewards) -> None:
+    # ------------------------------------------------------------------ stages of a step
+    def collect(self, step: int, sampler: PromptSampler) -> Trajectory:
+        """Prompts -> rollouts -> rewards -> advantages and the loss mask."""
+        cfg, world, G = self.cfg, self.world, self.cfg.group_size
+        examples = [self.train_data[i] for i in next(sampler)]
+        n_local = len(examples) * G
+        t0 = time.perf_counter()
+        # Rows are numbered globally so each sample's random draws match the single-process run.
+        rollouts = self.generate(
+            examples, G, sampling_from(cfg), seed=step_seed(cfg.seed, step),
+            row_offset=world.rank * n_local, total_rows=world.size * n_local,
+        )
+        mx.eval(rollouts.completion_ids, rollouts.logprobs)
+        t_gen = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rewards = self.score(self.rewards, examples, rollouts)
+        t_rew = time.perf_counter() - t0
+        self._check_scored(step, rewards)
+
+        batch_stats = None
+        if world.size > 1 and cfg.scale_rewards == "batch":
+            moments = RewardMoments.from_array(world.sum_floats(*RewardMoments.of(rewards.total).as_array()))
+            batch_stats = moments.mean_std()
+        adv = group_advantages(rewards.total, G, scale=cfg.scale_rewards, batch_stats=batch_stats)
+        keep = row_keep(adv, rollouts, cfg)
+        return Trajectory(
+            examples=examples, rollouts=rollouts, rewards=rewards, advantages=adv, row_keep=keep,
+            loss_mask=rollouts.completion_mask * mx.array(keep)[:, None],
+            seconds={"generate": t_gen, "reward": t_rew},
+        )
+
+    def add_reference(self, traj: Trajectory) -> None:
+        """The reference policy's log-probs of the completions (the KL term; beta > 0 only)."""
+        t0 = time.perf_counter()
+        if self.cfg.beta > 0:
+            ref_lp, _ = self.reference.run(lambda m: sequence_logprobs(
+                m, traj.prompt_ids, traj.rollouts.completion_ids, traj.loss_mask, traj.group_size,
+                self.cfg.temperature,
+            ))
+            traj.ref_logprobs = mx.stop_gradient(ref_lp)
+            mx.eval(traj.ref_logprobs)
+        traj.seconds["logprobs"] = time.perf_counter() - t0
+
+    def update(self, loss_and_grad, batches: list[TrainBatch], totals: dict[str, float]) -> UpdateStats:
+        """One optimizer update: accumulate gradients over micro-batches, clip, apply, eval."""
+        grads = grads_acc = None
+        per_batch, loss_acc = [], 0.0
+        for batch in batches:
+            (loss, stats), grads = loss_and_grad(self.model, batch, totals)
+            grads_acc = grads if grads_acc is None else tree_map(mx.add, grads_acc, grads)
+            mx.eval(loss, grads_acc, stats)
+            loss_acc += loss.item()
+            per_batch.append(({k: float(v.item()) for k, v in stats.items()}, float(batch.mask.sum().item())))
+        if grads_acc is None:  # nothing on this process changes the gradient
+            grads_acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        grads_acc = self.world.sum_tree(grads_acc)
+        loss_acc = self.world.sum_floats(loss_acc)[0]
+        grad_norm, change = self.apply_update(grads_acc)
+        del grads_acc, grads  # the update frees each gradient once applied (see CompiledApply)
+        mx.eval(change, self.model.parameters(), self.optimizer.state, grad_norm)
+        return UpdateStats(loss_acc, grad_norm.item(), math.sqrt(change.item()), combine_loss_stats(per_batch))
+
+    def _check_scored(self, step: int, rewards: RewardResult) -> None:
         """Stop a run whose rewards cannot score anything (every rank decides the same)."""
         unscored = self.world.sum_floats(float(rewards.num_unscored), float(rewards.num_rows))
         if unscored[0] < unscored[1]:
@@ -233,342 +325,182 @@ class GRPOTrainer:
                 "max_unscored_steps); the last checkpoint is kept"
             )
 
-    def _micro_slices(self, n: int, group_size: int) -> list[slice]:
-        """At most `gradient_accumulation_steps` contiguous slices covering all n rows: on group
-        boundaries (so each micro-batch runs its prompts once) when there are enough groups."""
-        m = self.cfg.gradient_accumulation_steps
-        groups = n // group_size
-        if groups >= m:
-            cuts = [group_size * (groups * i // m) for i in range(m + 1)]
-        else:
-            cuts = [n * i // m for i in range(m + 1)]
-        return [slice(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
-
-    def _make_loss(self):
-        from ..algo.losses import compute_loss
-        from ..policy.checkpointing import checkpointed_layers
-        from ..policy.logprobs import sequence_logprobs
-
+    def train_step(self, step: int, sampler: PromptSampler, loss_and_grad) -> tuple[dict, Trajectory]:
+        """collect -> reference -> batches -> num_iterations updates -> metrics."""
         cfg = self.cfg
-        loss_cfg = cfg.loss_config()
-        need_entropy = cfg.top_entropy_quantile < 1.0
-
-        def loss_fn(model, prompts, group_size, ids, mask, old_lp, ref_lp, adv, norms):
-            # Entropy costs a second pass over [N, T, V] (~40% of the gradient pass on CPU), so it
-            # is computed only when entropy masking needs it (then it is also logged).
-            with checkpointed_layers(model) if cfg.gradient_checkpointing else contextlib.nullcontext():
-                logp, entropy = sequence_logprobs(
-                    model, prompts, ids, mask, group_size, cfg.temperature, with_entropy=need_entropy
-                )
-            loss, stats = compute_loss(loss_cfg, logp, old_lp, ref_lp, adv, mask, entropy=entropy, **norms)
-            return loss, stats.as_dict()
-
-        return nn.value_and_grad(self.model, loss_fn)
-
-    def _update(self, loss_and_grad, micro_batches, totals) -> dict[str, float]:
-        """One optimizer update: accumulate gradients over micro-batches, clip, apply, eval."""
-        grads = grads_acc = None
-        stats_acc, loss_acc = {}, 0.0
-        for mb in micro_batches:
-            (loss, stats), grads = loss_and_grad(self.model, *mb, totals)
-            grads_acc = grads if grads_acc is None else tree_map(mx.add, grads_acc, grads)
-            mx.eval(loss, grads_acc, stats)
-            loss_acc += loss.item()
-            weight = float(mb[3].sum().item())
-            for k, v in stats.items():
-                stats_acc.setdefault(k, []).append((float(v.item()), weight))
-        if grads_acc is None:  # nothing on this process changes the gradient
-            grads_acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
-        grads_acc = self.world.sum_tree(grads_acc)
-        loss_acc = self.world.sum_floats(loss_acc)[0]
-        grad_norm, change = self.apply_update(grads_acc)
-        del grads_acc, grads  # the update frees each gradient once applied (see CompiledApply)
-        mx.eval(change, self.model.parameters(), self.optimizer.state, grad_norm)
-        out = {"loss": loss_acc, "grad_norm": grad_norm.item(), "update_norm": math.sqrt(change.item())}
-        for k, pairs in stats_acc.items():
-            if k in ("num_tokens", "num_loss_tokens"):
-                out[STAT_NAMES[k]] = sum(v for v, _ in pairs)
-                continue
-            tot = sum(w for _, w in pairs)
-            out[STAT_NAMES.get(k, k)] = sum(v * w for v, w in pairs) / tot if tot else float("nan")
-        return out
-
-    # ------------------------------------------------------------------ loop
-    def train(self) -> TrainResult:
-        from ..algo.advantages import group_advantages
-        from ..data import PromptSampler
-        from ..health import HealthMonitor
-        from ..models import resolve_model_path
-
-        cfg = self.cfg
-        world = self.world = init_world()
-        if cfg.prompts_per_step % world.size:
-            raise MlxRftError(
-                f"prompts_per_step={cfg.prompts_per_step} does not split over {world.size} processes; "
-                f"use a multiple of {world.size}"
-            )
-        main = world.is_main
-        self.model_dir = resolve_model_path(cfg.model)
-        # Refuse a folder that holds another run, or a checkpoint that does not match, before
-        # anything heavy runs or anything is written.
-        plan = run_folder.plan_run(cfg, self.model_dir)
-        self.fingerprint = plan.fingerprint
-        run_dir = plan.run_dir
-        self._setup_model()
-        self._setup_data()
-        sampler = PromptSampler(
-            len(self.train_data), cfg.prompts_per_step, seed=cfg.seed, rank=world.rank, world_size=world.size
-        )
-        start_step, history = 0, []
-        eval_before: dict[str, float] = {}
-        if plan.resume_from is not None:
-            state = ckpt.load_checkpoint(plan.resume_from, self.model, self.optimizer)
-            start_step = state["step"]
-            sampler.load_state_dict(state["sampler"])
-            eval_before = state.get("eval_before", {})
-            history = state.get("history", [])
-            done = run_folder.read_summary(run_dir)
-            if start_step >= cfg.num_steps and done and done.get("steps") == start_step:
-                self._log(f"{run_dir} already finished its {start_step} steps; nothing to do")
-                return TrainResult(run_dir, start_step, eval_before, done.get("eval_after", {}), history)
-            self._log(f"resumed from {plan.resume_from} at step {start_step}")
-        # Rank 0 alone writes logs, metrics and checkpoints.
-        reporters, rollout_log = [], None
-        if main:
-            run_folder.start_run(plan, cfg, start_step)
-            reporters = build_reporters(cfg.report_to, run_dir, cfg.to_dict(), append=start_step > 0)
-            rollout_log = open(run_dir / "rollouts.jsonl", "a" if start_step else "w")
-            self._log(
-                f"model {self.model_dir.name} ({cfg.finetune_type}): {self.param_counts.describe()}; "
-                f"{len(self.train_data)} train / {len(self.eval_data)} eval prompts; "
-                f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
-                + (f" over {world.size} processes" if world.size > 1 else "")
-            )
-        if main and not eval_before:
-            eval_before = self.evaluate(0)
-            history.append({"step": 0, **eval_before})  # the report's eval panel starts here
-            self._log(f"eval before training: {_fmt(eval_before)}")
-            for r in reporters:
-                r.log(0, eval_before)
-
-        self.health = HealthMonitor(log_warnings=False)
-        self.unscored_steps = 0
-        loss_and_grad = self._make_loss()
-        sampling = sampling_from(cfg)
-        interrupted = False
-        step = start_step
-        try:
-            with GracefulStop(self._log) as signals:
-                for step in range(start_step + 1, cfg.num_steps + 1):
-                    metrics = self._train_step(step, sampler, sampling, loss_and_grad, group_advantages, rollout_log)
-                    history.append({"step": step, **metrics})
-                    if main and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
-                        ev = self.evaluate(step)
-                        metrics.update(ev)
-                        history[-1].update(ev)
-                    if main:
-                        for alarm in self.health.update(step, metrics):
-                            self._log(f"health alarm: {alarm}")
-                        metrics.update(self.health.metrics())
-                        for r in reporters:
-                            r.log(step, metrics)
-                        if step % cfg.log_every == 0 or step == cfg.num_steps:
-                            self._log(format_step_line(step, cfg.num_steps, metrics))
-                    # Every rank stops at the same step when any of them got a stop signal.
-                    stop = world.sum_floats(float(signals.requested))[0] > 0
-                    last = step == cfg.num_steps
-                    if main and (stop or last or step % cfg.save_every == 0):
-                        self._save(run_dir, step, sampler, eval_before, history)
-                    if stop:
-                        interrupted = True
-                        break
-        finally:
-            if rollout_log is not None:
-                rollout_log.close()
-        exit_code = signals.exit_code if interrupted else 0
-        eval_after: dict[str, float] = {}
-        if not main:
-            return TrainResult(run_dir, step, eval_before, eval_after, history, interrupted, exit_code)
-        if not interrupted:
-            eval_after = self.evaluate(step)
-            history.append({"step": step, **eval_after})
-            for r in reporters:
-                r.log(step, eval_after)
-            self._log(f"eval before training: {_fmt(eval_before)}")
-            self._log(f"eval after training:  {_fmt(eval_after)}")
-        for r in reporters:
-            r.close()
-        summary = {
-            "model": str(self.model_dir), "steps": step, "finetune_type": cfg.finetune_type,
-            "loss_type": cfg.loss_type, **{f"before {k}": v for k, v in eval_before.items()},
-            **{f"after {k}": v for k, v in eval_after.items()},
-        }
-        report = write_report(run_dir, history, summary)
-        if not interrupted:
-            run_folder.write_summary(
-                run_dir, {"steps": step, "eval_before": eval_before, "eval_after": eval_after}
-            )
-        self._log(f"run folder {run_dir}: checkpoints/, metrics.jsonl, rollouts.jsonl, {report.name}")
-        return TrainResult(run_dir, step, eval_before, eval_after, history, interrupted, exit_code)
-
-    def _save(self, run_dir, step, sampler, eval_before, history) -> None:
-        state = {
-            "sampler": sampler.state_dict(), "eval_before": eval_before, "history": history,
-            "model_fingerprint": self.fingerprint,
-        }
-        ckpt.save_checkpoint(
-            run_dir / "checkpoints", step, self.model, self.optimizer, self.cfg, state,
-            adapter_cfg=self.adapter_cfg, base_model_dir=self.model_dir,
-        )
-
-    def _train_step(self, step, sampler, sampling, loss_and_grad, group_advantages, rollout_log) -> dict:
-        cfg = self.cfg
-        G = cfg.group_size
         t_start = time.perf_counter()
         mx.reset_peak_memory()
         # Dropout and any other global-PRNG use start from a per-step seed: resume replays exactly.
         mx.random.seed(step_seed(cfg.seed, step, salt=1))
-        world = self.world
-        examples = [self.train_data[i] for i in next(sampler)]
-        n_local = len(examples) * G
-
-        t0 = time.perf_counter()
-        # Rows are numbered globally so each sample's random draws match the single-process run.
-        rollouts = self.generate(
-            examples, G, sampling, seed=step_seed(cfg.seed, step),
-            row_offset=world.rank * n_local, total_rows=world.size * n_local,
-        )
-        mx.eval(rollouts.completion_ids, rollouts.logprobs)
-        t_gen = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        rewards = self.score(self.rewards, examples, rollouts)
-        t_rew = time.perf_counter() - t0
-        self._check_scored(step, rewards)
-
-        batch_stats = None
-        if world.size > 1 and cfg.scale_rewards == "batch":
-            from ..algo.advantages import RewardMoments
-
-            moments = RewardMoments.from_array(world.sum_floats(*RewardMoments.of(rewards.total).as_array()))
-            batch_stats = moments.mean_std()
-        adv = group_advantages(rewards.total, G, scale=cfg.scale_rewards, batch_stats=batch_stats)
-        mask = rollouts.completion_mask
-        keep = adv.row_mask(drop_zero_std=cfg.drop_zero_std_groups)
-        if cfg.mask_truncated_completions:
-            keep *= np.array([r != "length" for r in rollouts.finish_reasons], dtype=np.float32)
-        mask = mask * mx.array(keep)[:, None]
-        advantages = mx.array(np.asarray(adv.advantages, dtype=np.float32))
-        prompts = [e.prompt_ids for e in examples]
-
-        t0 = time.perf_counter()
-        ref_lp = None
-        if cfg.beta > 0:
-            from ..policy.logprobs import sequence_logprobs
-
-            ref_lp, _ = self.reference.run(
-                lambda m: sequence_logprobs(m, prompts, rollouts.completion_ids, mask, G, cfg.temperature)
-            )
-            ref_lp = mx.stop_gradient(ref_lp)
-            mx.eval(ref_lp)
-        t_lp = time.perf_counter() - t0
-
-        # Groups that cannot change the gradient stay out of the gradient pass: rows whose mask is
-        # all zero, and, when the loss is exactly 0 at advantage 0 (no KL term, no entropy-quantile
-        # masking, which ranks all tokens), rows with advantage 0. The step's normalisers still
-        # count every row, and the optimizer still steps (with zero gradient if nothing is left),
-        # so the update is the one the full batch gives.
-        row_live = keep > 0
-        if cfg.skip_zero_advantage and cfg.beta == 0 and cfg.top_entropy_quantile >= 1.0:
-            row_live &= np.asarray(adv.advantages) != 0
-        live_groups = row_live.reshape(-1, G).any(axis=1)
-        rows = np.flatnonzero(np.repeat(live_groups, G))
-        # Micro-batches of whole groups when they fit, so each prompt is run once per micro-batch.
-        micro = []
-        for sl in self._micro_slices(len(rows), G):
-            a, b = sl.start, sl.stop
-            idx = mx.array(rows[a:b])
-            if a % G == 0 and b % G == 0:
-                p, g = [prompts[r // G] for r in rows[a:b:G]], G
-            else:
-                p, g = [prompts[r // G] for r in rows[a:b]], 1
-            micro.append((
-                p, g, rollouts.completion_ids[idx], mask[idx], rollouts.logprobs[idx],
-                None if ref_lp is None else ref_lp[idx], advantages[idx],
-            ))
-        n = len(rollouts.texts)
+        traj = self.collect(step, sampler)
+        self.add_reference(traj)
+        batches, rows = self.make_batches(traj, cfg)
         # Normalise by the whole step's counts over all processes, then sum gradients: exact.
-        global_tokens = world.sum_floats(float(mask.sum().item()))[0]
-        totals = {"num_sequences": n * world.size, "global_token_count": max(global_tokens, 1.0)}
+        global_tokens = self.world.sum_floats(float(traj.loss_mask.sum().item()))[0]
+        totals = {"num_sequences": traj.rollouts.num_rows * self.world.size,
+                  "global_token_count": max(global_tokens, 1.0)}
 
         t0 = time.perf_counter()
         # With several updates per step the step's change is not their sum: keep references to
         # the weights before them (they cost the weights' size once replaced). One update reports
         # its own change and keeps nothing.
         before = dict(tree_flatten(self.model.trainable_parameters())) if cfg.num_iterations > 1 else None
-        upd: dict[str, float] = {}
         for _ in range(cfg.num_iterations):
-            upd = self._update(loss_and_grad, micro, totals)
+            upd = self.update(loss_and_grad, batches, totals)
         if before is not None:
-            upd["update_norm"] = math.sqrt(sum(
-                squared_distance(v, before[k])
-                for k, v in tree_flatten(self.model.trainable_parameters())
+            upd.update_norm = math.sqrt(sum(
+                squared_distance(v, before[k]) for k, v in tree_flatten(self.model.trainable_parameters())
             ).item())
             del before
         t_upd = time.perf_counter() - t0
-        t_step = time.perf_counter() - t_start
-
-        lengths = np.asarray(rollouts.completion_mask.sum(axis=1))
-        gen_tokens = float(lengths.sum())
-        m: dict[str, Any] = {
-            **rewards.summary(),
-            "advantage/mean": float(np.mean(adv.advantages)),
-            "advantage/std": float(np.std(adv.advantages)),
-            "advantage/abs_max": float(np.max(np.abs(adv.advantages))),
-            "frac_zero_std_groups": adv.num_zero_std_groups / len(examples),
-            "completion/mean_length": float(lengths.mean()),
-            "completion/min_length": float(lengths.min()),
-            "completion/max_length": float(lengths.max()),
-            "completion/truncated_frac": float(np.mean([r == "length" for r in rollouts.finish_reasons])),
-            "tokens_per_sec/generate": gen_tokens / max(t_gen, 1e-9),
-            "tokens_per_sec/train": cfg.num_iterations * (
-                float(lengths[rows].sum()) + sum(len(prompts[r // G]) for r in rows[::G])
-            ) / max(t_upd, 1e-9),
-            "update/rows": len(rows),
-            "time/generate": t_gen, "time/reward": t_rew, "time/logprobs": t_lp,
-            "time/update": t_upd, "time/step": t_step,
-            "memory/peak_gb": mx.get_peak_memory() / 1e9,
-            "lr": _current_lr(self.optimizer),
-            **upd,
-            "tokens/completion": gen_tokens,  # all generated tokens, not only those in the update
-        }
-        if world.size > 1:  # the step's reward statistics over all processes
-            everything = world.gather(np.asarray(rewards.total, dtype=np.float32))
+        m = step_metrics(
+            traj, rows, upd, cfg, update_seconds=t_upd, step_seconds=time.perf_counter() - t_start,
+            lr=_current_lr(self.optimizer),
+        )
+        if self.world.size > 1:  # the step's reward statistics over all processes
+            everything = self.world.gather(np.asarray(traj.rewards.total, dtype=np.float32))
             finite = everything[np.isfinite(everything)]
             m["reward/mean"] = float(finite.mean()) if finite.size else float("nan")
             m["reward/std"] = float(finite.std()) if finite.size else float("nan")
-        if rollout_log is not None and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            import json
+        return m, traj
 
-            for i in range(len(rollouts.texts)):
-                rollout_log.write(json.dumps({
-                    "step": step, "prompt": examples[i // G].prompt, "completion": rollouts.texts[i],
-                    "reward": _num(rewards.total[i]), "advantage": float(adv.advantages[i]),
-                    "finish_reason": rollouts.finish_reasons[i],
-                    **{f"reward/{k}": _num(v[i]) for k, v in rewards.per_func.items()},
-                }) + "\n")
+    # ------------------------------------------------------------------ the run
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        self.world = init_world()
+        if cfg.prompts_per_step % self.world.size:
+            raise MlxRftError(
+                f"prompts_per_step={cfg.prompts_per_step} does not split over {self.world.size} "
+                f"processes; use a multiple of {self.world.size}"
+            )
+        self.model_dir = resolve_model_path(cfg.model)
+        # Refuse a folder that holds another run, or a checkpoint that does not match, before
+        # anything heavy runs or anything is written.
+        plan = run_folder.plan_run(cfg, self.model_dir)
+        self.fingerprint = plan.fingerprint
+        self._setup_model()
+        self._setup_data()
+        with cpu.speedups(self.model):  # CPU kernels and allocator, restored on return
+            return self._run(plan)
+
+    def _restore(self, plan: run_folder.RunPlan) -> RunState:
+        sampler = PromptSampler(
+            len(self.train_data), self.cfg.prompts_per_step, seed=self.cfg.seed,
+            rank=self.world.rank, world_size=self.world.size,
+        )
+        if plan.resume_from is None:
+            return RunState(0, sampler)
+        state = ckpt.load_checkpoint(plan.resume_from, self.model, self.optimizer)
+        sampler.load_state_dict(state["sampler"])
+        self._log(f"resumed from {plan.resume_from} at step {state['step']}")
+        return RunState(state["step"], sampler, state.get("history", []), state.get("eval_before", {}))
+
+    def _run(self, plan: run_folder.RunPlan) -> TrainResult:
+        cfg, world, run_dir = self.cfg, self.world, plan.run_dir
+        main = world.is_main
+        run = self._restore(plan)
+        done = run_folder.read_summary(run_dir) if plan.resume_from else None
+        if done and run.step >= cfg.num_steps and done.get("steps") == run.step:
+            self._log(f"{run_dir} already finished its {run.step} steps; nothing to do")
+            return TrainResult(run_dir, run.step, run.eval_before, done.get("eval_after", {}), run.history)
+        # Rank 0 alone writes logs, metrics and checkpoints.
+        reporters, rollout_log = [], None
+        if main:
+            run_folder.start_run(plan, cfg, run.step)
+            reporters = build_reporters(cfg.report_to, run_dir, cfg.to_dict(), append=run.step > 0)
+            rollout_log = open(run_dir / "rollouts.jsonl", "a" if run.step else "w")
+            self._log(
+                f"model {self.model_dir.name} ({cfg.finetune_type}): {self.param_counts.describe()}; "
+                f"{len(self.train_data)} train / {len(self.eval_data)} eval prompts; "
+                f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
+                + (f" over {world.size} processes" if world.size > 1 else "")
+            )
+        if main and not run.eval_before:
+            run.eval_before = self.evaluate(0)
+            run.history.append({"step": 0, **run.eval_before})  # the report's eval panel starts here
+            self._log(f"eval before training: {_fmt(run.eval_before)}")
+            for r in reporters:
+                r.log(0, run.eval_before)
+
+        loss_and_grad = nn.value_and_grad(self.model, self.loss_fn)
+        interrupted, step = False, run.step
+        try:
+            with GracefulStop(self._log) as signals:
+                for step in range(run.step + 1, cfg.num_steps + 1):
+                    metrics, traj = self.train_step(step, run.sampler, loss_and_grad)
+                    run.history.append({"step": step, **metrics})
+                    if main:
+                        self._report(step, metrics, run.history, reporters, rollout_log, traj)
+                    # Every rank stops at the same step when any of them got a stop signal.
+                    interrupted = world.sum_floats(float(signals.requested))[0] > 0
+                    if main and (interrupted or step == cfg.num_steps or step % cfg.save_every == 0):
+                        self._save(run_dir, step, run)
+                    if interrupted:
+                        break
+        finally:
+            if rollout_log is not None:
+                rollout_log.close()
+        exit_code = signals.exit_code if interrupted else 0
+        if not main:
+            return TrainResult(run_dir, step, run.eval_before, {}, run.history, interrupted, exit_code)
+        return self._finish(run_dir, step, run, reporters, interrupted, exit_code)
+
+    def _report(self, step, metrics, history, reporters, rollout_log, traj: Trajectory) -> None:
+        """Rank 0's per-step output: periodic eval, health alarms, reporters, console, samples."""
+        cfg = self.cfg
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
+            ev = self.evaluate(step)
+            metrics.update(ev)
+            history[-1].update(ev)
+        for alarm in self.health.update(step, metrics):
+            self._log(f"health alarm: {alarm}")
+        metrics.update(self.health.metrics())
+        for r in reporters:
+            r.log(step, metrics)
+        if step % cfg.log_every == 0 or step == cfg.num_steps:
+            self._log(format_step_line(step, cfg.num_steps, metrics))
+        if rollout_log is not None and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+            rollout_log.writelines(json.dumps(r) + "\n" for r in rollout_records(step, traj))
             rollout_log.flush()
-        return m
+
+    def _finish(self, run_dir, step, run: RunState, reporters, interrupted, exit_code) -> TrainResult:
+        eval_after: dict[str, float] = {}
+        if not interrupted:
+            eval_after = self.evaluate(step)
+            run.history.append({"step": step, **eval_after})
+            for r in reporters:
+                r.log(step, eval_after)
+            self._log(f"eval before training: {_fmt(run.eval_before)}")
+            self._log(f"eval after training:  {_fmt(eval_after)}")
+        for r in reporters:
+            r.close()
+        summary = {
+            "model": str(self.model_dir), "steps": step, "finetune_type": self.cfg.finetune_type,
+            "loss_type": self.cfg.loss_type, **{f"before {k}": v for k, v in run.eval_before.items()},
+            **{f"after {k}": v for k, v in eval_after.items()},
+        }
+        report = write_report(run_dir, run.history, summary)
+        if not interrupted:
+            run_folder.write_summary(
+                run_dir, {"steps": step, "eval_before": run.eval_before, "eval_after": eval_after}
+            )
+        self._log(f"run folder {run_dir}: checkpoints/, metrics.jsonl, rollouts.jsonl, {report.name}")
+        return TrainResult(run_dir, step, run.eval_before, eval_after, run.history, interrupted, exit_code)
+
+    def _save(self, run_dir: Path, step: int, run: RunState) -> None:
+        state = {
+            "sampler": run.sampler.state_dict(), "eval_before": run.eval_before,
+            "history": run.history, "model_fingerprint": self.fingerprint,
+        }
+        ckpt.save_checkpoint(
+            run_dir / "checkpoints", step, self.model, self.optimizer, self.cfg, state,
+            adapter_cfg=self.adapter_cfg, base_model_dir=self.model_dir,
+        )
 
 
 def _current_lr(optimizer) -> float:
     lr = optimizer.learning_rate
     return float(lr.item() if isinstance(lr, mx.array) else lr)
-
-
-def _num(x) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def _fmt(d: dict[str, float]) -> str:
