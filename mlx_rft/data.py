@@ -576,14 +576,21 @@ def train_eval_split(
             eval_idx.extend(members[g])
         if len(eval_idx) == eval_size:
             break
-    if not eval_idx:
+    if len(members) < 2:
         raise MlxRftError(
-            f"every held-out candidate repeats a prompt more than {eval_size} times; raise eval_size"
+            f"all {n} rows have the same prompt, so none can be held out for evaluation without "
+            "also being trained on; give different prompts, or pass held-out rows yourself "
+            "(eval_dataset= in Python, --eval-file on the command line)"
+        )
+    if not eval_idx:
+        smallest = min(len(m) for m in members)
+        raise MlxRftError(
+            f"every prompt appears more than eval_size={eval_size} times (the rarest {smallest} "
+            f"times), and a prompt's copies stay on one side; set eval_size to at least "
+            f"{smallest} (below {n}), or pass held-out rows (eval_dataset= / --eval-file)"
         )
     in_eval = set(eval_idx)
     train_idx = [i for i in range(n) if i not in in_eval]
-    if not train_idx:
-        raise MlxRftError("all prompts are identical, so no held-out split is possible; add rows")
     eval_idx.sort()
     if isinstance(dataset, PromptDataset):
         return dataset.subset(train_idx), dataset.subset(eval_idx)
