@@ -105,6 +105,10 @@ def cast_model(model, dtype: str) -> None:
     model.update(tree_map(cast, model.parameters()))
 
 
+# Any one of these makes a tokenizer that transformers can build without a conversion.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
 def _adapter_quantization(adapter_path) -> dict | None:
     """The base quantization a QLoRA checkpoint's adapter_config.json records, if any."""
     if not adapter_path:
@@ -135,18 +139,36 @@ def load_model(
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise MlxRftError(f"{path / 'config.json'} is not valid JSON ({e}); fix or re-create it")
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise MlxRftError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the model's "
+            "tokenizer files into it, or re-create the folder (e.g. with mlx-rft import-gguf)"
+        )
     quantization = _adapter_quantization(adapter_path)
     try:
         model_obj, tokenizer = mlx_lm_load(
             str(path), adapter_path=str(adapter_path) if adapter_path and not quantization else None,
             lazy=True,
         )
+    except json.JSONDecodeError as e:
+        raise MlxRftError(
+            f"{path}: a tokenizer or config file is not valid JSON ({e}); fix the file or re-create "
+            "the folder"
+        ) from None
     except ValueError as e:
         if "not supported" in str(e) or "model_type" in str(e):
             raise MlxRftError(
                 f"mlx-lm cannot build model_type {config.get('model_type')!r} from {path}: {e}"
             ) from e
+        if "tokenizer" in str(e).lower():
+            first = str(e).strip().splitlines()[0]
+            raise MlxRftError(f"{path}: cannot build the tokenizer ({first}); fix its files") from None
         raise
+    except RuntimeError as e:  # safetensors: truncated, empty or not safetensors at all
+        raise MlxRftError(
+            f"{path}: cannot read the weights ({e}); the file is damaged: re-download or "
+            "re-create it"
+        ) from None
     cast_model(model_obj, dtype or default_dtype())
     if quantization:
         # QLoRA adapters were trained on the quantized base: quantize it the same way first.

@@ -411,3 +411,53 @@ def test_a_huge_reward_does_not_break_the_report(tiny_qwen3, tmp_path):
 
     res = train(tiny_qwen3, tmp_path, reward=huge, num_steps=1)
     assert res.steps == 1 and (tmp_path / "report.html").is_file()
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate", ["cannot read the weights", "damaged"]),
+    ("empty", ["cannot read the weights"]),
+    ("bad-tokenizer", ["not valid JSON", "tokenizer.json"]),
+    ("no-tokenizer", ["has no tokenizer"]),
+])
+def test_a_damaged_model_folder_gets_one_line(tiny_qwen3, tmp_path, damage, words):
+    import shutil
+
+    from mlx_rft.models import load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_qwen3, folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    elif damage == "bad-tokenizer":
+        (folder / "tokenizer.json").write_text("garbage")
+    else:
+        (folder / "tokenizer.json").unlink()
+    with pytest.raises(MlxRftError) as e:
+        load_model(folder)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_a_huge_row_is_refused_without_tokenizing_it(tiny_qwen3, tmp_path):
+    from mlx_rft.data import load_prompt_dataset
+    from mlx_rft.models import load_model
+
+    _, tok = load_model(tiny_qwen3)
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"prompt": "word " * 10_000_000}) + "\n" + json.dumps({"prompt": "ok"}) + "\n")
+    t0 = time.perf_counter()
+    with pytest.raises(MlxRftError, match=r"big.jsonl:1: the prompt has 50,000,000 characters"):
+        load_prompt_dataset(path, tok, max_prompt_length=512)
+    data = load_prompt_dataset(path, tok, max_prompt_length=512, on_long_prompt="skip")
+    assert len(data) == 1 and data.skipped_long == 1
+    assert time.perf_counter() - t0 < 10  # tokenizing 50 MB takes minutes
+
+
+def test_a_run_that_fails_its_checks_leaves_no_files(tiny_qwen3, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(MlxRftError):
+        train(tiny_qwen3, out, reward="no_such_reward")
+    assert not out.exists() or not any(out.iterdir())
