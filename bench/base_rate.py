@@ -37,9 +37,11 @@ from mlx_lm.generate import batch_generate
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from mlx_rft import cpu
 from mlx_rft.data import PromptDataset
 from mlx_rft.models import load_model
-from mlx_rft.tasks import DEFAULT_TASK, extract_answer, has_answer_tag, load_task
+from mlx_rft.rewards.verifiers import extract_answer_tag
+from mlx_rft.tasks import DEFAULT_TASK, extract_answer, load_task
 
 SMALL_SUM = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
 WORKED = "{metadata[expression]} = {answer}\n<answer>{answer}</answer>"  # one-line worked shots
@@ -135,7 +137,7 @@ def measure(model, tokenizer, label, kwargs, *, prompts, samples, max_tokens, te
         label=label,
         acc=float(acc.mean()),
         acc_num=float(acc_num.mean()),
-        tag=float(np.mean([has_answer_tag(t) for t in texts])),
+        tag=float(np.mean([bool(extract_answer_tag(t)) for t in texts])),
         mixed=float(np.mean(groups.max(1) > groups.min(1))),
         pass_at_g=float(np.mean(groups.max(1) >= 1.0)),
         greedy=float(rewards(greedy_texts, 1).mean()),
@@ -182,22 +184,23 @@ def main() -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     results = []
-    for label in labels:
-        r = measure(
-            model, tokenizer, label, CANDIDATES[label], prompts=args.prompts, samples=args.samples,
-            max_tokens=args.max_tokens, temp=args.temp, seed=args.seed, split=args.split,
-        )
-        results.append(r)
-        print(
-            f"| {label} | {r['acc']:.3f} | {r['acc_num']:.3f} | {r['tag']:.3f} | {r['mixed']:.3f} | "
-            f"{r['pass_at_g']:.3f} | {r['greedy']:.3f} | {r['len']:.1f} | {r['truncated']:.3f} | "
-            f"{r['prompt_len']:.0f} | "
-            f"{r['time']:.1f} |",
-            flush=True,
-        )
-        if args.show:
-            for ex in r["examples"]:
-                print(f"    Q: {ex['q']!r} (answer {ex['answer']!r})\n    -> {ex['completion']!r}")
+    with cpu.speedups(model):
+        for label in labels:
+            r = measure(
+                model, tokenizer, label, CANDIDATES[label], prompts=args.prompts, samples=args.samples,
+                max_tokens=args.max_tokens, temp=args.temp, seed=args.seed, split=args.split,
+            )
+            results.append(r)
+            print(
+                f"| {label} | {r['acc']:.3f} | {r['acc_num']:.3f} | {r['tag']:.3f} | {r['mixed']:.3f} | "
+                f"{r['pass_at_g']:.3f} | {r['greedy']:.3f} | {r['len']:.1f} | {r['truncated']:.3f} | "
+                f"{r['prompt_len']:.0f} | "
+                f"{r['time']:.1f} |",
+                flush=True,
+            )
+            if args.show:
+                for ex in r["examples"]:
+                    print(f"    Q: {ex['q']!r} (answer {ex['answer']!r})\n    -> {ex['completion']!r}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), results=results), f, indent=2)

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 from .errors import MlxRftError
-
-RewardFunc = Callable[..., list[float | None]]
+from .rewards.base import RewardFunc
+from .rewards.verifiers import extract_final_answer, format_reward, make_accuracy
 
 ANSWER_FORMAT_SYSTEM_PROMPT = (
     "Answer the question. Put only the final answer between <answer> and </answer> tags, "
@@ -41,82 +38,21 @@ EVAL_SEED = 1 << 30
 SHOT_SEED = (1 << 30) + (1 << 24)
 _CHUNK_SEED_STRIDE = 1 << 24
 
-# ---------------------------------------------------------------------------------------------
-# Answer extraction
+# The task option answer_fallback (what counts as the answer without a closed <answer> tag) as
+# the answer extraction of rewards/verifiers.py, which every reward here uses.
+FALLBACKS = {None: "answer_tag", "number": "answer_tag_or_number", "last_line": "answer_tag_or_line"}
 
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-FALLBACKS = (None, "number", "last_line")
+
+def answer_extraction(fallback: str | None) -> str:
+    """The verifiers extraction for a task's answer_fallback (None: only a closed tag counts)."""
+    if fallback not in FALLBACKS:
+        raise MlxRftError(f"unknown answer fallback {fallback!r}; use one of {tuple(FALLBACKS)}")
+    return FALLBACKS[fallback]
 
 
 def extract_answer(completion: str, fallback: str | None = None) -> str | None:
-    """The final answer in a completion: the stripped content of the last <answer>...</answer>.
-
-    Without a closed tag the fallback decides: None gives None (no answer); "number" gives the last
-    number in the text (commas kept, e.g. "1,000"); "last_line" gives the last non-empty line.
-    """
-    if fallback not in FALLBACKS:
-        raise MlxRftError(f"unknown answer fallback {fallback!r}; use one of {FALLBACKS}")
-    matches = _ANSWER_RE.findall(completion)
-    if matches:
-        return matches[-1].strip()
-    if fallback == "number":
-        numbers = _NUMBER_RE.findall(completion)
-        return numbers[-1] if numbers else None
-    if fallback == "last_line":
-        lines = [line.strip() for line in completion.splitlines() if line.strip()]
-        return lines[-1] if lines else None
-    return None
-
-
-def has_answer_tag(completion: str) -> bool:
-    """Whether the completion has exactly one closed <answer>...</answer> with non-empty content."""
-    matches = _ANSWER_RE.findall(completion)
-    return len(matches) == 1 and bool(matches[0].strip())
-
-
-def _as_number(text: str) -> Decimal | None:
-    try:
-        return Decimal(text.replace(",", "").strip())
-    except (InvalidOperation, ValueError):
-        return None
-
-
-def answers_match(predicted: str | None, reference: Any) -> bool:
-    """Numbers compare by value ("+1,000.0" == "1000"); other text compares stripped and casefolded."""
-    if predicted is None or reference is None:
-        return False
-    ref = str(reference)
-    a, b = _as_number(predicted), _as_number(ref)
-    if a is not None and b is not None:
-        return a == b
-    return predicted.strip().casefold() == ref.strip().casefold()
-
-
-# ---------------------------------------------------------------------------------------------
-# Reward functions
-
-
-def format_reward(prompts: Sequence[str], completions: Sequence[str], **columns) -> list[float]:
-    """1.0 for a completion with exactly one non-empty closed <answer> tag, else 0.0."""
-    return [1.0 if has_answer_tag(c) else 0.0 for c in completions]
-
-
-@dataclass
-class AnswerAccuracy:
-    """Reward 1.0 when the extracted answer matches the row's `answer` column (see answers_match).
-
-    Rows whose answer is None get None (not applicable) rather than a misleading 0.
-    """
-
-    fallback: str | None = None
-    __name__ = "accuracy"  # reward name in logs (class attribute, not a field)
-
-    def __call__(self, prompts, completions, *, answer, **columns) -> list[float | None]:
-        return [
-            None if ref is None else float(answers_match(extract_answer(c, self.fallback), ref))
-            for c, ref in zip(completions, answer, strict=True)
-        ]
+    """The final answer in a completion as the task's rewards see it (see answer_extraction)."""
+    return extract_final_answer(completion, answer_extraction(fallback))
 
 
 @dataclass
@@ -455,7 +391,8 @@ def _file_task(path: Path, answer_fallback, system_prompt, format_weight) -> Tas
         rows.append(raw.value)
     if not rows:
         raise MlxRftError(f"{path} has no rows; add rows with a prompt and an answer")
-    reward_funcs: list[RewardFunc] = [AnswerAccuracy(answer_fallback)]
+    # The built-in accuracy reward, so `--task FILE` scores as `--reward-funcs accuracy` does.
+    reward_funcs: list[RewardFunc] = [make_accuracy(answer_extraction(answer_fallback))]
     weights = [1.0]
     if format_weight:
         reward_funcs.append(format_reward)

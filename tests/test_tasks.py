@@ -5,19 +5,14 @@ import socket
 
 import pytest
 
-pytest.importorskip("reasoning_gym")
-
-from mlx_rft.data import PromptDataset  # noqa: E402
-from mlx_rft.errors import MlxRftError  # noqa: E402
-from mlx_rft.tasks import (  # noqa: E402
+from mlx_rft.data import PromptDataset
+from mlx_rft.errors import MlxRftError
+from mlx_rft.rewards import resolve_reward
+from mlx_rft.tasks import (
     DEFAULT_EVAL_SIZE,
     DEFAULT_TASK,
-    AnswerAccuracy,
-    answers_match,
     available_tasks,
     extract_answer,
-    format_reward,
-    has_answer_tag,
     load_default_task,
     load_task,
 )
@@ -58,13 +53,19 @@ def test_extract_answer():
         extract_answer("x", fallback="first_word")
 
 
-def test_answer_matching_and_format():
-    assert answers_match("+1,000.0", "1000") and answers_match("-4", -4)
-    assert not answers_match("1001", "1000") and not answers_match(None, "1")
-    assert answers_match(" Paris ", "paris") and not answers_match("Lyon", "Paris")
-    assert has_answer_tag("x <answer>3</answer>") and not has_answer_tag("<answer> </answer>")
-    assert not has_answer_tag("<answer>1</answer><answer>2</answer>")
-    assert format_reward(["p"] * 3, ["<answer>3</answer>", "3", "<answer>3"]) == [1.0, 0.0, 0.0]
+def test_a_file_task_scores_as_the_built_in_accuracy_does(tmp_path):
+    """One reward stack: `--task FILE` uses the built-in accuracy (tag extraction), so it scores
+    a file exactly as `--reward-funcs "accuracy(extract=answer_tag)"` does."""
+    path = tmp_path / "qa.jsonl"
+    answers = ["1000", "-4", "paris", "Paris", "1/2", "3"]
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": a}) + "\n" for i, a in enumerate(answers)))
+    completions = ["<answer>+1,000.0</answer>", "<answer>-4</answer>", "<answer> Paris </answer>",
+                   "<answer>Lyon</answer>", "<answer>0.5</answer>", "3"]
+    (task_acc,) = load_task(str(path)).reward_funcs
+    builtin = resolve_reward("accuracy(extract=answer_tag)")
+    got = task_acc(["p"] * 6, completions, answer=answers)
+    assert got == builtin(["p"] * 6, completions, answer=answers)
+    assert got == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
 
 
 def test_reasoning_gym_task_offline_and_rewards(no_network):
@@ -120,7 +121,7 @@ def test_other_reasoning_gym_tasks_score_their_answers():
         ("number_sorting", dict(min_numbers=3, max_numbers=3)),
     ]:
         task = load_task(name, size=3, seed=0, num_shots=1, format_weight=0.5, **options)
-        assert task.reward_names == ["accuracy", "format_reward"] and task.reward_weights == [1.0, 0.5]
+        assert task.reward_names == ["accuracy", "format"] and task.reward_weights == [1.0, 0.5]
         assert len(task.eval_rows) == DEFAULT_EVAL_SIZE  # every task gets a held-out set
         rows = task.rows[:2]
         acc, fmt = rewards(task, rows, [f"<answer>{r['answer']}</answer>" for r in rows])
@@ -171,7 +172,7 @@ def test_file_task_with_answer_column(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     task = load_task(str(path))
     assert task.name == "qa" and len(task.rows) == 3 and task.eval_rows == []
-    assert isinstance(task.reward_funcs[0], AnswerAccuracy)
+    assert task.reward_funcs[0].__name__ == "accuracy"
     (acc,) = [f(["p"] * 3, ["<answer>4.0</answer>", "<answer> paris</answer>", "<answer>x</answer>"],
                 answer=[r["answer"] for r in rows]) for f in task.reward_funcs]
     assert acc == [1.0, 1.0, None]

@@ -7,7 +7,9 @@
 Heavier pieces load on use: `rewards.code` (sandbox), `rewards.judge` / `rewards.rubric` (RLAIF).
 """
 
-from .base import RewardOutput, RewardResult, RewardSet, builtin_rewards, resolve_reward
+from .base import RewardOutput, RewardResult
+from .registry import builtin_rewards, resolve_reward
+from .reward_set import RewardSet
 from .code import CodeSandbox, SandboxConfig, make_code_reward
 from .judge import MLXJudge, OpenAIJudge, make_judge_reward
 from .rubric import Rubric, load_rubric

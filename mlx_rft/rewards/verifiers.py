@@ -19,7 +19,8 @@ from typing import Any
 from ..errors import MlxRftError
 from .code import code, make_code_reward
 
-EXTRACTORS = ("answer_tag", "boxed", "last_number", "auto")
+EXTRACTORS = ("answer_tag", "boxed", "last_number", "last_line", "answer_tag_or_number",
+              "answer_tag_or_line", "auto")
 UNITS = ("tokens", "chars", "words")
 
 # ---------------------------------------------------------------------------------------------
@@ -63,23 +64,41 @@ def extract_last_number(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+def extract_last_line(text: str) -> str | None:
+    """The last non-empty line, stripped."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+# Each extraction tries these in order and takes the first answer found.
+_EXTRACTION_ORDER = {
+    "answer_tag": (extract_answer_tag,),
+    "boxed": (extract_boxed,),
+    "last_number": (extract_last_number,),
+    "last_line": (extract_last_line,),
+    "answer_tag_or_number": (extract_answer_tag, extract_last_number),
+    "answer_tag_or_line": (extract_answer_tag, extract_last_line),
+    "auto": (extract_answer_tag, extract_boxed, extract_last_number, extract_last_line),
+}
+
+
+def check_extract(extract: str) -> str:
+    if extract not in _EXTRACTION_ORDER:
+        raise MlxRftError(
+            f"unknown answer extraction {extract!r}; choose one of {', '.join(EXTRACTORS)}"
+        )
+    return extract
+
+
 def extract_final_answer(text: str, extract: str = "auto") -> str | None:
     """The final answer in a completion; "auto" tries the tag, then \\boxed{}, then the last number,
-    then the last non-empty line."""
-    if extract == "answer_tag":
-        return extract_answer_tag(text)
-    if extract == "boxed":
-        return extract_boxed(text)
-    if extract == "last_number":
-        return extract_last_number(text)
-    if extract == "auto":
-        for f in (extract_answer_tag, extract_boxed, extract_last_number):
-            found = f(text)
-            if found is not None:
-                return found
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return lines[-1] if lines else None
-    raise MlxRftError(f"unknown answer extraction {extract!r}; choose one of {', '.join(EXTRACTORS)}")
+    then the last non-empty line. "answer_tag_or_number" / "answer_tag_or_line": the tag, else
+    the last number / line."""
+    for f in _EXTRACTION_ORDER[check_extract(extract)]:
+        found = f(text)
+        if found is not None:
+            return found
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,11 +202,10 @@ def _named(func: Callable, name: str) -> Callable:
 def make_accuracy(extract: str = "auto", *, column: str = "answer", name: str = "accuracy") -> Callable:
     """1.0 when the completion's final answer equals the row's `column` value, else 0.0.
 
-    extract: "answer_tag" | "boxed" | "last_number" | "auto" (tag, boxed, last number, last line).
+    extract: one of EXTRACTORS, e.g. "answer_tag" or "auto" (tag, boxed, last number, last line).
     Rows whose reference is None score None (nothing to compare against).
     """
-    if extract not in EXTRACTORS:
-        raise MlxRftError(f"unknown answer extraction {extract!r}; choose one of {', '.join(EXTRACTORS)}")
+    check_extract(extract)
 
     def accuracy(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
         if column not in columns:

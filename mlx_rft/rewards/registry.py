@@ -1,0 +1,123 @@
+"""Reward specs to functions: built-in names (with factory arguments), `module:function`,
+`path/to/file.py:function`. The one place that resolves them (train, eval and RewardSet use it)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import MlxRftError
+
+_CALL_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
+
+
+def builtin_rewards() -> dict[str, tuple[Callable | None, Callable | None]]:
+    """Built-in reward name -> (ready function or None, factory or None)."""
+    from .verifiers import BUILTINS
+
+    return BUILTINS
+
+
+def resolve_reward(spec: str | Callable) -> Callable:
+    """A reward function from a spec.
+
+    - a built-in name (`accuracy`, `format`, `think_format`, `length`, `overlong`, `repetition`,
+      `code`), optionally with factory arguments: `accuracy(extract=boxed)`, `overlong(max_length=512)`;
+    - `judge(rubric='r.yaml', url='http://127.0.0.1:8080/v1', model='m')` or
+      `judge(rubric='r.yaml', local_model='path/to/model')` (an LLM judge, see judge.py);
+    - `package.module:function` (importable), or `path/to/file.py:function`.
+    Unknown names raise MlxRftError listing the built-ins.
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise MlxRftError(f"reward spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    table = builtin_rewards()
+    m = _CALL_RE.match(spec)
+    if m and m.group(1) in table:
+        func, factory = table[m.group(1)]
+        if m.group(2) is None:
+            if func is None:
+                raise MlxRftError(
+                    f"reward {m.group(1)!r} needs arguments, e.g. judge(rubric='rubric.yaml', "
+                    "url='http://127.0.0.1:8080/v1', model='default_model')"
+                )
+            return func
+        if factory is None:
+            raise MlxRftError(f"built-in reward {m.group(1)!r} takes no arguments; use it as {m.group(1)!r}")
+        kwargs = _parse_kwargs(m.group(2), spec)
+        try:
+            return factory(**kwargs)
+        except TypeError as e:
+            raise MlxRftError(f"bad arguments in reward spec {spec!r}: {e}") from e
+    if ":" in spec:
+        target, _, attr = spec.rpartition(":")
+        if not attr.isidentifier():
+            raise MlxRftError(f"reward spec {spec!r}: {attr!r} is not a function name; use MODULE:FUNCTION")
+        module = _load_module(target, spec)
+        func = getattr(module, attr, None)
+        if func is None:
+            raise MlxRftError(f"reward spec {spec!r}: {target} has no attribute {attr!r}")
+        if not callable(func):
+            raise MlxRftError(f"reward spec {spec!r}: {attr!r} is not callable")
+        return func
+    raise MlxRftError(
+        f"unknown reward {spec!r}; use a built-in ({', '.join(sorted(table))}), "
+        "a module:function, or a path/to/file.py:function"
+    )
+
+
+def _parse_kwargs(text: str, spec: str) -> dict[str, Any]:
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError as e:
+        raise MlxRftError(f"cannot parse arguments in reward spec {spec!r}: {e.msg}") from None
+    if call.args:
+        raise MlxRftError(f"reward spec {spec!r}: pass arguments by name, e.g. name(key=value)")
+    kwargs: dict[str, Any] = {}
+    for kw in call.keywords:
+        try:
+            kwargs[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            if isinstance(kw.value, ast.Name):  # bare words are strings: extract=boxed
+                kwargs[kw.arg] = kw.value.id
+            else:
+                raise MlxRftError(
+                    f"reward spec {spec!r}: the value of {kw.arg!r} must be a literal (number, string, list)"
+                ) from None
+    return kwargs
+
+
+def _load_module(target: str, spec: str):
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise MlxRftError(f"reward spec {spec!r}: file {str(path)!r} does not exist")
+        mod_name = f"mlx_rft_user_reward_{abs(hash(str(path.resolve())))}"
+        if mod_name in sys.modules:
+            return sys.modules[mod_name]
+        mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise MlxRftError(f"reward spec {spec!r}: cannot load {path} as a Python module")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_name] = module
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[mod_name]
+            raise MlxRftError(f"reward spec {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+        return module
+    try:
+        return importlib.import_module(target)
+    except ImportError as e:
+        raise MlxRftError(
+            f"reward spec {spec!r}: cannot import module {target!r} ({e}); check the name or use "
+            "path/to/file.py:function"
+        ) from e
