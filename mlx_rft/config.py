@@ -21,7 +21,6 @@ from .errors import MlxRftError
 FINETUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "muon")
 SCHEDULES = ("constant", "cosine", "linear")
-SCALE_REWARDS = ("group", "batch", "none")
 REPORTERS = ("jsonl", "tensorboard", "wandb")
 
 
@@ -163,19 +162,25 @@ class GRPOConfig:
             value = getattr(self, name)
             need(value in options, f"{name}={value!r} is not valid; choose one of {', '.join(options)}")
 
+        # The option values live with the code that acts on them.
+        from .algo.advantages import SCALES
+        from .data import ON_BAD_ROW, ON_LONG_PROMPT
+        from .dtypes import DTYPES
+        from .rewards.reward_set import ON_ERROR
+
         choice("finetune_type", FINETUNE_TYPES)
         choice("optimizer", OPTIMIZERS)
         choice("lr_schedule", SCHEDULES)
-        choice("scale_rewards", SCALE_REWARDS)
-        choice("on_bad_row", ("error", "skip"))
-        choice("on_long_prompt", ("error", "skip", "truncate"))
-        choice("reward_on_error", ("raise", "none"))
+        choice("scale_rewards", SCALES)
+        choice("on_bad_row", ON_BAD_ROW)
+        choice("on_long_prompt", ON_LONG_PROMPT)
+        choice("reward_on_error", ON_ERROR)
         for opt in self.task_options:
             need("=" in opt, f"task option {opt!r} must look like key=value")
         for r in self.report_to:
             need(r in REPORTERS, f"report_to has {r!r}; choose from {', '.join(REPORTERS)}")
         if self.dtype is not None:
-            choice("dtype", ("float32", "bfloat16", "float16"))
+            choice("dtype", DTYPES)
         for name in (
             "learning_rate", "lora_alpha", "lora_dropout", "weight_decay", "max_grad_norm",
             "reward_timeout", "eval_temperature", "epsilon", "temperature", "beta",
