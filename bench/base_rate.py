@@ -41,14 +41,14 @@ from mlx_rft import cpu
 from mlx_rft.data import PromptDataset
 from mlx_rft.models import load_model
 from mlx_rft.rewards.verifiers import extract_answer_tag
-from mlx_rft.tasks import DEFAULT_TASK, extract_answer, load_task
+from mlx_rft.data.tasks import DEFAULT_TASK, extract_answer, load_task
 
 SMALL_SUM = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
 WORKED = "{metadata[expression]} = {answer}\n<answer>{answer}</answer>"  # one-line worked shots
 
 # label -> load_task kwargs ("fewshot": two solved examples as earlier chat turns; "direct": none)
 CANDIDATES: dict[str, dict] = {
-    "default": dict(name=DEFAULT_TASK.name),  # the built-in default (mlx_rft.tasks.PRESETS)
+    "default": dict(name=DEFAULT_TASK.name),  # the built-in default (mlx_rft.data.tasks.PRESETS)
     "chain_sum_direct": dict(name="chain_sum", prompt_format="direct", **SMALL_SUM),
     "chain_sum_fewshot": dict(name="chain_sum", **SMALL_SUM),
     "add_1digit_fewshot": dict(name="basic_arithmetic", min_terms=2, max_terms=2, min_digits=1,

@@ -22,14 +22,15 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from mlx_rft import kernels
+from mlx_rft import cpu
+from mlx_rft.cpu import kernels
 from mlx_rft.config import GRPOConfig
 from mlx_rft.data import PromptDataset
 from mlx_rft.models import load_model
 from mlx_rft.policy.adapters import adapters_fused
 from mlx_rft.policy.logprobs import sequence_logprobs
 from mlx_rft.rollout import RolloutStats, generate_rollouts
-from mlx_rft.tasks import load_task
+from mlx_rft.data.tasks import load_task
 from mlx_rft.train.optim import CompiledApply, build_optimizer
 from mlx_rft.train.policy import setup_trainable
 from mlx_rft.types import SamplingConfig
@@ -105,9 +106,10 @@ def main() -> int:
     task = load_task("default", size=64)
     data = list(PromptDataset.from_rows(task.rows, tok, system_prompt=task.system_prompt))[:4]
     prompts = [e.prompt_ids for e in data]
-    optimizer_update()
-    lora_decode_step(prompts, tok)
-    behaviour_vs_teacher_forced(prompts, model, tok)
+    with cpu.speedups(model):  # as in training (the other models here are of the same kind)
+        optimizer_update()
+        lora_decode_step(prompts, tok)
+        behaviour_vs_teacher_forced(prompts, model, tok)
     return 0
 
 

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     from .errors import MlxRftError
     from .models import load_model
     from .rewards import RewardSet, resolve_reward
-    from .tasks import DEFAULT_TASK, load_task
+    from .data.tasks import DEFAULT_TASK, load_task
 
     if args.limit < 1:
         raise MlxRftError(f"--limit {args.limit}: score at least one prompt (--limit 1 or more)")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_rft.errors import MlxRftError
-from mlx_rft.health import Alarm, HealthConfig, HealthMonitor
+from mlx_rft.train.health import Alarm, HealthConfig, HealthMonitor
 
 
 def healthy_run(steps=80, seed=0, eval_every=10):
@@ -145,7 +145,7 @@ def test_missing_and_nan_metrics_are_skipped():
 
 def test_alarms_are_logged(caplog):
     monitor = HealthMonitor()
-    with caplog.at_level(logging.WARNING, logger="mlx_rft.health"):
+    with caplog.at_level(logging.WARNING, logger="mlx_rft.train.health"):
         feed(monitor, with_changes(30, frac_zero_std_groups=lambda s: 1.0))
-    warnings = [r.getMessage() for r in caplog.records if r.name == "mlx_rft.health"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mlx_rft.train.health"]
     assert len(warnings) == 1 and "zero_variance" in warnings[0] and "group_size" in warnings[0]

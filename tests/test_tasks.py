@@ -8,7 +8,7 @@ import pytest
 from mlx_rft.data import PromptDataset
 from mlx_rft.errors import MlxRftError
 from mlx_rft.rewards import resolve_reward
-from mlx_rft.tasks import (
+from mlx_rft.data.tasks import (
     DEFAULT_EVAL_SIZE,
     DEFAULT_TASK,
     available_tasks,

@@ -36,7 +36,7 @@ def check_task_run(trainer, res, cfg):
     are what the task's reward functions give it with its row's columns, and the total is their
     weighted sum."""
     from mlx_rft.data import PromptDataset
-    from mlx_rft.tasks import load_task
+    from mlx_rft.data.tasks import load_task
 
     task = load_task("default", size=cfg.task_size, seed=cfg.seed, eval_size=cfg.eval_size)
     names, weights = task.reward_names, list(task.reward_weights)

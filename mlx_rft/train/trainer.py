@@ -32,14 +32,14 @@ from ..config import GRPOConfig
 from ..data import PromptDataset, PromptSampler, load_prompt_dataset, train_eval_split
 from ..errors import MlxRftError
 from ..evaluate import columns_per_row, evaluate_prompts
-from ..health import HealthMonitor
+from .health import HealthMonitor
 from ..models import load_model, resolve_model_path
 from ..policy.adapters import adapters_fused
 from ..policy.logprobs import sequence_logprobs
 from ..rewards import RewardSet, resolve_reward
 from ..rewards.base import RewardResult
 from ..rollout import generate_rollouts
-from ..tasks import DEFAULT_TASK, load_task
+from ..data.tasks import DEFAULT_TASK, load_task
 from ..types import PromptExample, RolloutBatch, SamplingConfig
 from . import checkpoint as ckpt
 from . import run_folder

@@ -77,7 +77,7 @@ class HealthConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name.endswith(("_window", "_steps")) and (not isinstance(v, int) or v < 1):
-                from .errors import MlxRftError
+                from ..errors import MlxRftError
 
                 raise MlxRftError(f"health config {f.name} must be a positive integer, got {v!r}")
 

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MlxRftError
-from .rewards.base import RewardFunc
-from .rewards.verifiers import extract_final_answer, format_reward, make_accuracy
+from ..errors import MlxRftError
+from ..rewards.base import RewardFunc
+from ..rewards.verifiers import extract_final_answer, format_reward, make_accuracy
+from .prompts import row_messages
+from .readers import FORMATS, BadRow, read_raw_rows
 
 ANSWER_FORMAT_SYSTEM_PROMPT = (
     "Answer the question. Put only the final answer between <answer> and </answer> tags, "
@@ -133,7 +135,7 @@ def _unknown_task(name: str, names: list[str]) -> MlxRftError:
     return MlxRftError(
         f"unknown task {name!r}; {hint}use a preset ({', '.join(PRESETS)}), a reasoning-gym dataset "
         f"name (e.g. {examples}; "
-        f"{len(names)} in all, listed by mlx_rft.tasks.available_tasks()) or a path to a "
+        f"{len(names)} in all, listed by mlx_rft.data.tasks.available_tasks()) or a path to a "
         ".jsonl/.json/.csv/.parquet file with an 'answer' column"
     )
 
@@ -276,8 +278,6 @@ def load_task(
       anything else: the reasoning-gym dataset's config, e.g. min_terms=2 for chain_sum.
     A data file path takes answer_fallback, system_prompt and format_weight only.
     """
-    from .data import FORMATS
-
     preset = PRESETS.get(name)
     merged = {**PROMPT_OPTION_DEFAULTS, **(preset.options if preset else {}), **options}
     prompt_opts = {k: merged.pop(k) for k in PROMPT_OPTION_DEFAULTS}
@@ -376,8 +376,6 @@ def _rg_task(
 
 
 def _file_task(path: Path, answer_fallback, system_prompt, format_weight) -> Task:
-    from .data import BadRow, read_raw_rows, row_messages
-
     rows = []
     for raw in read_raw_rows(path):
         try:
