@@ -1,4 +1,4 @@
-"""Shared fixtures. Importing mlx_rft first loads the fast BLAS before mlx.core (see mlx_rft/blas.py).
+"""Shared fixtures. Importing mlx_rft first loads the fast BLAS before mlx.core (see mlx_rft/cpu/blas.py).
 
 The real default model is imported into a test cache folder (MLX_RFT_HOME under pytest's own
 cache, kept between sessions), never into the user's cache. Tests that use it are marked slow
