@@ -29,17 +29,16 @@ from mlx.utils import tree_flatten, tree_map
 from .. import cpu
 from ..algo.advantages import RewardMoments, group_advantages
 from ..config import GRPOConfig
-from ..data import PromptDataset, PromptSampler, load_prompt_dataset, train_eval_split
+from ..data import PromptDataset, PromptSampler
 from ..errors import MlxRftError
 from ..evaluate import columns_per_row, evaluate_prompts
 from .health import HealthMonitor
 from ..models import load_model, resolve_model_path
 from ..policy.adapters import adapters_fused
 from ..policy.logprobs import sequence_logprobs
-from ..rewards import RewardSet, resolve_reward
+from ..rewards import RewardSet
 from ..rewards.base import RewardResult
 from ..rollout import generate_rollouts
-from ..data.tasks import DEFAULT_TASK, load_task
 from ..types import PromptExample, RolloutBatch, SamplingConfig
 from . import checkpoint as ckpt
 from . import run_folder
@@ -47,6 +46,7 @@ from .distributed import init_world
 from .metrics import build_reporters, format_step_line, write_report
 from .optim import CompiledApply, build_optimizer, squared_distance
 from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
+from .run_data import build_run_data
 from .signals import GracefulStop
 from .step import (
     BatchFn, LossFn, Trajectory, TrainBatch, UpdateStats, combine_loss_stats, grpo_loss,
@@ -158,59 +158,13 @@ class GRPOTrainer:
         self.apply_update = CompiledApply(self.model, self.optimizer, cfg.max_grad_norm)
 
     def _setup_data(self) -> None:
-        cfg = self.cfg
-        task = None
-        rows = self._train_rows
-        if rows is None and cfg.train_file is None:
-            name = cfg.task or DEFAULT_TASK.name
-            task = load_task(name, size=cfg.task_size, seed=cfg.seed, eval_size=cfg.eval_size, **cfg.task_kwargs())
-            rows = task.rows
-        system = cfg.system_prompt if cfg.system_prompt is not None else getattr(task, "system_prompt", None)
-        opts = dict(
-            system_prompt=system, max_prompt_length=cfg.max_prompt_length,
-            on_long_prompt=cfg.on_long_prompt, on_bad_row=cfg.on_bad_row,
+        data = build_run_data(
+            self.cfg, self.tokenizer, self._train_rows, self._eval_rows, self._reward_specs
         )
-        if rows is not None:
-            train = PromptDataset.from_rows(rows, self.tokenizer, **opts)
-        else:
-            train = load_prompt_dataset(cfg.train_file, self.tokenizer, **opts)
-        if self._eval_rows is not None:
-            evals = PromptDataset.from_rows(self._eval_rows, self.tokenizer, **opts)
-        elif cfg.eval_file:
-            evals = load_prompt_dataset(cfg.eval_file, self.tokenizer, **opts)
-        elif task is not None and getattr(task, "eval_rows", None):
-            evals = PromptDataset.from_rows(task.eval_rows, self.tokenizer, **opts)
-        else:
-            held_out = min(cfg.eval_size, len(train) - 1)
-            train, evals = train_eval_split(train, eval_size=held_out, seed=cfg.seed)
-            if len(train) < max(cfg.prompts_per_step, held_out):
-                total = len(train) + len(evals)
-                raise MlxRftError(
-                    f"{total} distinct prompts leave {len(train)} for training once {len(evals)} "
-                    f"are held out (eval_size {cfg.eval_size}); give more rows, a separate "
-                    f"--eval-file, or a smaller --eval-size (e.g. {max(1, total // 4)})"
-                )
-        if train.skipped_bad:
-            self._log(f"skipped {train.skipped_bad} malformed rows of {train.source}")
-        self.train_data, self.eval_data = train, evals
-
-        specs = self._reward_specs or list(cfg.reward_funcs)
-        if specs:
-            funcs = [resolve_reward(s) if isinstance(s, str) else s for s in specs]
-        elif task is not None:
-            funcs = list(task.reward_funcs)
-        else:
-            raise MlxRftError(
-                "no reward functions: pass --reward-funcs (e.g. accuracy format) or use a --task"
-            )
-        weights = list(cfg.reward_weights) or None
-        if weights is None and not specs and task is not None:
-            weights = list(getattr(task, "reward_weights", None) or []) or None
-        self.rewards = RewardSet(
-            funcs, weights=weights, on_error=cfg.reward_on_error, timeout=cfg.reward_timeout
-        )
-        # Eval scores with the first reward (the task's accuracy), pass@k counts scores >= 1.
-        self.eval_reward = RewardSet(funcs[:1], on_error="none", timeout=cfg.reward_timeout)
+        if data.train.skipped_bad:
+            self._log(f"skipped {data.train.skipped_bad} malformed rows of {data.train.source}")
+        self.train_data, self.eval_data = data.train, data.eval
+        self.rewards, self.eval_reward = data.rewards, data.eval_reward
 
     # ------------------------------------------------------------------ pieces
     def generate(self, examples: Sequence[PromptExample], group_size: int, sampling, seed, **kw) -> RolloutBatch:

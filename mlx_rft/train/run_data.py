@@ -1,0 +1,82 @@
+"""A run's data and rewards from its config: the task or files, the held-out split, the rewards.
+
+Rows given in Python win over `train_file`, which wins over `task`; with neither, the default
+task. Held-out prompts come from `eval_dataset`, `eval_file` or the task's own held-out set, or
+are split off the training rows (never a prompt on both sides). Rewards come from the given
+functions or specs, else the task's own; evaluation scores with the first one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..config import GRPOConfig
+from ..data import PromptDataset, load_prompt_dataset, train_eval_split
+from ..data.tasks import DEFAULT_TASK, load_task
+from ..errors import MlxRftError
+from ..rewards import RewardSet, resolve_reward
+
+
+@dataclass
+class RunData:
+    train: PromptDataset
+    eval: PromptDataset
+    rewards: RewardSet  # the training reward (weighted sum of the functions)
+    eval_reward: RewardSet  # the first function alone: the held-out score (pass@k counts >= 1)
+
+
+def build_run_data(
+    cfg: GRPOConfig,
+    tokenizer,
+    train_rows: Sequence[dict] | None = None,
+    eval_rows: Sequence[dict] | None = None,
+    reward_specs: Sequence[Callable | str] = (),
+) -> RunData:
+    task = None
+    rows = train_rows
+    if rows is None and cfg.train_file is None:
+        name = cfg.task or DEFAULT_TASK.name
+        task = load_task(name, size=cfg.task_size, seed=cfg.seed, eval_size=cfg.eval_size, **cfg.task_kwargs())
+        rows = task.rows
+    system = cfg.system_prompt if cfg.system_prompt is not None else getattr(task, "system_prompt", None)
+    opts = dict(
+        system_prompt=system, max_prompt_length=cfg.max_prompt_length,
+        on_long_prompt=cfg.on_long_prompt, on_bad_row=cfg.on_bad_row,
+    )
+    if rows is not None:
+        train = PromptDataset.from_rows(rows, tokenizer, **opts)
+    else:
+        train = load_prompt_dataset(cfg.train_file, tokenizer, **opts)
+    if eval_rows is not None:
+        evals = PromptDataset.from_rows(eval_rows, tokenizer, **opts)
+    elif cfg.eval_file:
+        evals = load_prompt_dataset(cfg.eval_file, tokenizer, **opts)
+    elif task is not None and getattr(task, "eval_rows", None):
+        evals = PromptDataset.from_rows(task.eval_rows, tokenizer, **opts)
+    else:
+        held_out = min(cfg.eval_size, len(train) - 1)
+        train, evals = train_eval_split(train, eval_size=held_out, seed=cfg.seed)
+        if len(train) < max(cfg.prompts_per_step, held_out):
+            total = len(train) + len(evals)
+            raise MlxRftError(
+                f"{total} distinct prompts leave {len(train)} for training once {len(evals)} "
+                f"are held out (eval_size {cfg.eval_size}); give more rows, a separate "
+                f"--eval-file, or a smaller --eval-size (e.g. {max(1, total // 4)})"
+            )
+
+    specs = list(reward_specs) or list(cfg.reward_funcs)
+    if specs:
+        funcs = [resolve_reward(s) if isinstance(s, str) else s for s in specs]
+    elif task is not None:
+        funcs = list(task.reward_funcs)
+    else:
+        raise MlxRftError(
+            "no reward functions: pass --reward-funcs (e.g. accuracy format) or use a --task"
+        )
+    weights = list(cfg.reward_weights) or None
+    if weights is None and not specs and task is not None:
+        weights = list(getattr(task, "reward_weights", None) or []) or None
+    rewards = RewardSet(funcs, weights=weights, on_error=cfg.reward_on_error, timeout=cfg.reward_timeout)
+    eval_reward = RewardSet(funcs[:1], on_error="none", timeout=cfg.reward_timeout)
+    return RunData(train, evals, rewards, eval_reward)
