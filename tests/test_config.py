@@ -40,6 +40,17 @@ def test_list_and_bool_flags():
         ({"beta": 0.1, "finetune_type": "dora"}, ["dora"]),
         ({"quantize_bits": 4, "finetune_type": "full"}, ["QLoRA"]),
         ({"temperature": 0.0}, ["temperature"]),
+        # Rules that used to run only after the model had loaded (the loss's and the sampler's
+        # own rules included): every one runs before anything heavy.
+        ({"epsilon": 1.0}, ["epsilon=1.0"]),
+        ({"repetition_penalty": 0}, ["repetition_penalty=0"]),
+        ({"stop": [""]}, ["stop"]),
+        ({"lora_dropout": 1.0}, ["lora_dropout=1.0"]),
+        ({"log_every": 0}, ["log_every=0"]),
+        ({"lora_layers": 0}, ["lora_layers=0", "-1"]),
+        ({"eval_size": 0}, ["eval_size=0"]),
+        ({"reward_timeout": -1}, ["reward_timeout=-1"]),
+        ({"resume": "latest", "overwrite": True}, ["overwrite"]),
     ],
 )
 def test_validation_names_rule_values_and_fix(overrides, words):
