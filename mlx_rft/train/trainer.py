@@ -458,4 +458,5 @@ def _current_lr(optimizer) -> float:
 
 
 def _fmt(d: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.3f}" for k, v in d.items() if not k.endswith("time"))
+    shown = {k: v for k, v in d.items() if not k.endswith("time") and not (k == "eval/unscored" and not v)}
+    return ", ".join(f"{k} {v:.3f}" if k != "eval/unscored" else f"{k} {v:.0f}" for k, v in shown.items())
