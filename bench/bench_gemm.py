@@ -13,7 +13,7 @@ import sys
 CHILD = """
 import json, sys
 import mlx_rft
-from mlx_rft.blas import blas_status
+from mlx_rft.cpu.blas import blas_status
 from mlx_rft.doctor import measure_gemm_gflops
 n = int(sys.argv[1])
 print(json.dumps({"blas": blas_status().path, "gflops": measure_gemm_gflops(n, repeats=1 if blas_status().path is None else 5)}))
@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--also", nargs="*", default=[], help="extra BLAS library paths to compare")
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     fast = run(args.size, None)
     slow = run(args.size, "none")
@@ -43,6 +44,9 @@ def main() -> None:
     for name, r in rows:
         print(f"{name:<24} {r['gflops']:8.1f} GFLOP/s   ({r['blas'] or 'bundled'})")
     print(f"speed-up: {fast['gflops'] / slow['gflops']:.1f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"name": name, **r} for name, r in rows], f, indent=2)
 
 
 if __name__ == "__main__":

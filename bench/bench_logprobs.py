@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_rft import cpu
 from mlx_rft.models import load_model
 from mlx_rft.policy.logprobs import sequence_logprobs
 from mlx_rft.testing import write_tiny_model
@@ -111,18 +112,19 @@ def main() -> None:
         ("chunked, full prompts", dict(share_prompt=False, chunk_size=args.chunk_size)),
         ("chunked, shared prompts", dict(share_prompt=True, chunk_size=args.chunk_size)),
     ]
-    for name, kw in configs:
-        if kw is None:
-            def logp(m):
-                return naive_logprobs(m, prompt_ids, ids, g, 1.0)
-        else:
-            def logp(m, kw=kw):
-                return sequence_logprobs(m, prompt_ids, ids, mask, g, 1.0, **kw)[0]
+    with cpu.speedups(model):  # the CPU paths the trainer's pass runs with
+        for name, kw in configs:
+            if kw is None:
+                def logp(m):
+                    return naive_logprobs(m, prompt_ids, ids, g, 1.0)
+            else:
+                def logp(m, kw=kw):
+                    return sequence_logprobs(m, prompt_ids, ids, mask, g, 1.0, **kw)[0]
 
-        loss_and_grad = nn.value_and_grad(model, lambda m: (logp(m) * w).sum())
-        fwd = measure(lambda: logp(model), args.repeats)
-        bwd = measure(lambda: loss_and_grad(model), args.repeats)
-        print(f"{name:<34}{fwd[0]:>13.0f}{fwd[1]:>8.2f}{bwd[0]:>18.0f}{bwd[1]:>11.2f}")
+            loss_and_grad = nn.value_and_grad(model, lambda m: (logp(m) * w).sum())
+            fwd = measure(lambda: logp(model), args.repeats)
+            bwd = measure(lambda: loss_and_grad(model), args.repeats)
+            print(f"{name:<34}{fwd[0]:>13.0f}{fwd[1]:>8.2f}{bwd[0]:>18.0f}{bwd[1]:>11.2f}")
 
 
 if __name__ == "__main__":

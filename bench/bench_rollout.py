@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,13 +36,18 @@ from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.generate import batch_generate, generate_step  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
-from mlx_rft import kernels  # noqa: E402
+from mlx_rft import cpu  # noqa: E402
+from mlx_rft.doctor import measure_gemm_gflops  # noqa: E402
 from mlx_rft.models import load_model  # noqa: E402
 from mlx_rft.rollout import RolloutStats, generate_rollouts  # noqa: E402
 from mlx_rft.rollout import engine as engine_module  # noqa: E402
 from mlx_rft.rollout.cache import make_rollout_cache  # noqa: E402
 from mlx_rft.rollout.sampling import TokenSampler, step_uniforms  # noqa: E402
 from mlx_rft.types import SamplingConfig  # noqa: E402
+from timing import best_of  # noqa: E402
+
+# The fastest of n calls, no extra warm-up call: main() warms every path up once first.
+best_time = partial(best_of, warmup=False)
 
 QUESTIONS = [
     "What is 17 times 23? Show your working.",
@@ -62,23 +69,8 @@ QUESTIONS = [
 ]
 
 
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        mx.synchronize()
-        tic = time.perf_counter()
-        fn()
-        mx.synchronize()
-        best = min(best, time.perf_counter() - tic)
-    return best
-
-
 def machine_limits() -> dict:
-    a = mx.random.normal((1024, 1024))
-    b = mx.random.normal((1024, 1024))
-    mx.eval(a, b)
-    t = best_time(lambda: mx.eval(a @ b), 10)
-    gemm = 2 * 1024**3 / t
+    gemm = measure_gemm_gflops(1024, repeats=10) * 1e9
     x = np.random.default_rng(0).random(64 * 1024 * 1024, dtype=np.float32)  # 256 MiB
     y = np.empty_like(x)
     t = best_time(lambda: np.copyto(y, x), 5)
@@ -91,16 +83,14 @@ def run_ours(model, tok, prompts, G, n, seed=0, stats=None):
     return generate_rollouts(model, tok, prompts, G, cfg, seed=seed, ignore_eos=True, stats=stats)
 
 
-# The mlx-lm baselines run with mlx-lm's own functions: `generate_rollouts` installs
-# mlx_rft.kernels (a faster CPU SwiGLU) process-wide, so they uninstall it first.
+# The mlx-lm baselines run with mlx-lm's own functions: `generate_rollouts` enters the CPU
+# speed-ups (a faster SwiGLU) for its own call only, and these run outside any such block.
 def run_batch_generate(model, tok_noeos, prompts, G, n):
-    kernels.uninstall()
     rows = [p for p in prompts for _ in range(G)]
     return batch_generate(model, tok_noeos, rows, max_tokens=n, sampler=make_sampler(temp=1.0))
 
 
 def run_naive(model, prompts, n):
-    kernels.uninstall()
     sampler = make_sampler(temp=1.0)
     for p in prompts:
         for _ in generate_step(mx.array(p), model, max_tokens=n, sampler=sampler):
@@ -111,7 +101,8 @@ def profile_step(model, tok, prompts, limits, params, weight_bytes, steps=24, ro
     """ms per decode step at N = 16 (4 prompts x 4): bare forward vs engine vs sampling alone.
 
     The bare forward (same cache, greedy argmax, pipelined like the engine) and the engine
-    alternate `rounds` times; the minimum of each is reported, so both see the same load.
+    alternate `rounds` times; the minimum of each is reported, so both see the same load. The
+    bare forward runs inside `cpu.speedups`, as the engine's does.
     """
     B, G = 4, 4
     N = B * G
@@ -142,7 +133,8 @@ def profile_step(model, tok, prompts, limits, params, weight_bytes, steps=24, ro
 
     forward = engine_step = float("inf")
     for _ in range(rounds):
-        forward = min(forward, bare())
+        with cpu.speedups(model):
+            forward = min(forward, bare())
         engine_step = min(engine_step, engine())
 
     logits = mx.random.normal((N, model.args.vocab_size)) * 4
@@ -251,6 +243,7 @@ def main() -> None:
     ap.add_argument("--naive-rows", type=int, default=4, help="sequences timed for the naive loop")
     ap.add_argument("--repeats", type=int, default=2, help="best of N interleaved timings")
     ap.add_argument("--quick", action="store_true", help="4x4 at 64 tokens only")
+    ap.add_argument("--json", default=None, help="also write the table and the step profile here")
     args = ap.parse_args()
     configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
     lengths = [int(v) for v in args.new_tokens.split(",")]
@@ -288,6 +281,7 @@ def main() -> None:
     print("\n| B x G | new tokens | ours tok/s | mlx_lm.batch_generate tok/s | naive loop tok/s "
           "| ours / batch_generate | ours / naive |")
     print("|---|---|---|---|---|---|---|")
+    grid = []
     for B, G in configs:
         for n in lengths:
             ps = prompts[:B]
@@ -299,6 +293,8 @@ def main() -> None:
                     t_batch, best_time(lambda: run_batch_generate(model, tok_noeos, ps, G, n), 1)
                 )
             ours, batch = tokens / t_ours, tokens / t_batch
+            grid.append({"B": B, "G": G, "new_tokens": n, "ours_tok_s": round(ours, 1),
+                         "batch_generate_tok_s": round(batch, 1), "naive_tok_s": round(naive_rate[n], 1)})
             print(f"| {B} x {G} | {n} | {ours:.1f} | {batch:.1f} | {naive_rate[n]:.1f} "
                   f"| {ours / batch:.2f}x | {ours / naive_rate[n]:.1f}x |", flush=True)
 
@@ -324,6 +320,11 @@ def main() -> None:
     print(f"  keeping them in the batch: {t_keep:.2f} s, {s_keep.row_steps} row-steps")
     print(f"  time saved: {(1 - t_drop / t_keep) * 100:.0f}%")
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gemm_gflops": round(limits["gemm_flops"] / 1e9, 1), "grid": grid,
+                       "decode_step_ms": {k: round(v, 2) for k, v in prof.items()},
+                       "row_dropping_saved": round(1 - t_drop / t_keep, 3)}, f, indent=2)
 
 
 if __name__ == "__main__":

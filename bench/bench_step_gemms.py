@@ -43,7 +43,7 @@ def decode_via_blas(weights: list[mx.array], rows: int, repeats: int) -> dict[st
 
     import numpy as np
 
-    from mlx_rft.blas import blas_status
+    from mlx_rft.cpu.blas import blas_status
 
     path = blas_status().path
     lib = ctypes.CDLL(path) if path else None

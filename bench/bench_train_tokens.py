@@ -6,12 +6,12 @@ per-token log-probs of the completion tokens and backpropagates their weighted s
 parameter (the gradient pass of a GRPO update):
 
   plain MLX   model(rows) -> log_softmax over [16, 104, V] -> gather -> backward, with mlx-lm's
-              own functions (mlx_rft.kernels uninstalled)
+              own functions (mlx_rft.cpu.kernels not patched in)
   ours        mlx_rft.algo.logprobs.sequence_logprobs, the trainer's path (prompt run once per
               group, LM head only on completion tokens, chunked selective log-softmax)
   ours, no prompt sharing   the same with share_prompt=False (every row runs its whole prompt)
-  ours, mlx-lm SwiGLU       ours with mlx-lm's SwiGLU (what mlx_rft.kernels' SwiGLU saves)
-  ours, mlx-lm attention    ours with mlx-lm's attention (what mlx_rft.kernels' attention saves)
+  ours, mlx-lm SwiGLU       ours with mlx-lm's SwiGLU (what mlx_rft.cpu.kernels' SwiGLU saves)
+  ours, mlx-lm attention    ours with mlx-lm's attention (what mlx_rft.cpu.kernels' attention saves)
   ours, one length bucket   (--ragged only) ours with every completion padded to the longest; with
                             --ragged one row has 64 completion tokens and 15 have 19
   torch       transformers' LlamaForCausalLM on the same weights (run with --torch under a Python
@@ -32,6 +32,7 @@ prompt sharing counts as a speed-up over running each row's prompt: that is the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -43,7 +44,7 @@ from timing import best_of
 B, G, PROMPT, COMPLETION = 4, 4, 40, 64
 
 
-def run_torch(model_dir: str, repeats: int, threads: int) -> None:
+def run_torch(model_dir: str, repeats: int, threads: int) -> dict:
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -62,17 +63,18 @@ def run_torch(model_dir: str, repeats: int, threads: int) -> None:
         (logp * w).sum().backward()
 
     sec = best_of(step, repeats)
-    print(f"torch {torch.__version__} ({threads} threads): {sec:.2f} s, "
-          f"{B * G * (PROMPT + COMPLETION) / sec:.1f} row tokens/s")
+    rate = B * G * (PROMPT + COMPLETION) / sec
+    print(f"torch {torch.__version__} ({threads} threads): {sec:.2f} s, {rate:.1f} row tokens/s")
+    return {f"torch {torch.__version__}": {"s": round(sec, 3), "row_tok_s": round(rate, 1)}}
 
 
-def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None, ragged: bool = False) -> None:
+def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None, ragged: bool = False) -> dict:
     import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
 
-    from mlx_rft import kernels
+    from mlx_rft.cpu import allocator, kernels
     from mlx_rft.models import load_model
     from mlx_rft.policy import logprobs
     from mlx_rft.policy.logprobs import sequence_logprobs
@@ -111,39 +113,40 @@ def run_mlx(model_arg: str | None, repeats: int, only: list[str] | None = None, 
     if only:
         variants = {k: v for k, v in variants.items() if k in only}
     default_buckets = logprobs.MAX_BUCKETS
-    # Which of mlx_rft.kernels' functions each variant runs (the rest are mlx-lm's own).
+    # Which of mlx_rft.cpu.kernels' functions each variant runs (the rest are mlx-lm's own).
     uses = {
         "plain MLX": (), "ours, mlx-lm SwiGLU": ("scaled_dot_product_attention",),
         "ours, mlx-lm attention": ("swiglu",),
     }
-    all_kernels = ("swiglu", "scaled_dot_product_attention")
 
-    def configure(name):
+    def configure(name):  # -> the block the variant runs in
         logprobs.MAX_BUCKETS = 1 if name == "ours, one length bucket" else default_buckets
-        kernels.uninstall()
-        kernels.install(model)
-        kernels.uninstall(set(all_kernels) - set(uses.get(name, all_kernels)))
+        return kernels.patched(model, names=uses.get(name, kernels.PATCHABLE))
 
-    # Interleaved rounds so every variant sees the same machine load.
+    # Interleaved rounds so every variant sees the same machine load; all of them with glibc
+    # keeping freed memory (what `cpu.speedups` does), unless MLX_RFT_RETAIN_MEMORY=0.
     best = {k: float("inf") for k in variants}
     peak = {k: 0.0 for k in variants}
     faults = {k: float("inf") for k in variants}  # minor page faults of the pass (Linux, macOS)
-    for rnd in range(repeats + 1):  # round 0 is the warm-up
-        for name, fn in variants.items():
-            configure(name)
-            held = mx.get_active_memory()
-            mx.reset_peak_memory()
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t = time.perf_counter()
-            mx.eval(fn(model))
-            if rnd:
-                faults[name] = min(faults[name], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-                best[name] = min(best[name], time.perf_counter() - t)
-                peak[name] = max(peak[name], (mx.get_peak_memory() - held) / 1e9)
+    with allocator.retained():
+        for rnd in range(repeats + 1):  # round 0 is the warm-up
+            for name, fn in variants.items():
+                with configure(name):
+                    held = mx.get_active_memory()
+                    mx.reset_peak_memory()
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                    t = time.perf_counter()
+                    mx.eval(fn(model))
+                    if rnd:
+                        faults[name] = min(faults[name], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+                        best[name] = min(best[name], time.perf_counter() - t)
+                        peak[name] = max(peak[name], (mx.get_peak_memory() - held) / 1e9)
     tokens = B * G * PROMPT + int(mask.sum().item())  # row tokens: every row's prompt + its completion
     for name, sec in best.items():
         print(f"{name}: {sec:.2f} s, {tokens / sec:.1f} row tokens/s, peak {peak[name]:.2f} GB above the "
               f"weights, {faults[name]:.0f} page faults")
+    return {name: {"s": round(sec, 3), "row_tok_s": round(tokens / sec, 1), "peak_gb": round(peak[name], 2),
+                   "page_faults": faults[name]} for name, sec in best.items()}
 
 
 def main() -> int:
@@ -157,6 +160,7 @@ def main() -> int:
     ap.add_argument("--ragged", action="store_true",
                     help="one completion of 64 tokens, 15 of 19: 'ours' with and without length buckets")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # comma-separated variant names
+    ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if args.allocator_ab:
         return allocator_ab(args)
@@ -166,9 +170,12 @@ def main() -> int:
     if args.torch:
         if not args.model:
             ap.error("--torch needs --model (the HF-format folder, e.g. the imported default model)")
-        run_torch(args.model, args.repeats, args.threads)
+        results = run_torch(args.model, args.repeats, args.threads)
     else:
-        run_mlx(args.model, args.repeats, args.only.split(",") if args.only else None, args.ragged)
+        results = run_mlx(args.model, args.repeats, args.only.split(",") if args.only else None, args.ragged)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
     return 0
 
 

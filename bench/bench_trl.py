@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import tempfile
 import time
 
 import step_job
+from timing import max_rss_gb
 
 
 def main() -> int:
@@ -88,7 +88,7 @@ def main() -> int:
         "step_s": [round(s, 2) for s in steps],
         "step_s_median_after_2": round(statistics.median(later), 2),
         "generate_and_score_s_median_after_2": round(statistics.median(generate[2:] or generate), 2),
-        "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        "max_rss_gb": max_rss_gb(),
     }
     print(json.dumps(summary, indent=2))
     return 0
