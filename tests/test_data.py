@@ -96,7 +96,7 @@ def test_csv_messages_column(tmp_path, tok):
 
 
 def test_parquet(tmp_path, tok):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # a required dependency: a missing one must fail, not skip
     import pyarrow.parquet as pq
 
     rows = [
