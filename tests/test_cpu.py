@@ -30,6 +30,25 @@ def test_load_model_and_rollouts_leave_mlx_lm_as_it_was(tiny_qwen3):
     assert _model_globals(qwen3) == stock and not allocator.in_force()
 
 
+def test_training_runs_inside_the_block_and_leaves_mlx_lm_as_it_was(tiny_qwen3, tmp_path):
+    from mlx_rft import GRPOConfig, GRPOTrainer
+
+    qwen3 = importlib.import_module("mlx_lm.models.qwen3")
+    stock = (kernels.mlx_lm_swiglu(), kernels.mlx_lm_attention())
+    seen = []
+
+    def reward(prompts, completions, **columns):  # runs between the rollouts and the update
+        seen.append((_model_globals(qwen3), allocator.in_force()))
+        return [float(len(c)) for c in completions]
+
+    cfg = GRPOConfig(model=str(tiny_qwen3), num_steps=1, max_new_tokens=4, eval_size=1, group_size=2,
+                     prompts_per_step=2, save_every=100, output_dir=str(tmp_path / "run"))
+    GRPOTrainer(cfg, reward_funcs=[reward], train_dataset=[{"prompt": f"say {i}"} for i in range(8)]).train()
+    assert seen and all(g == (kernels.swiglu, kernels.scaled_dot_product_attention) for g, _ in seen)
+    assert all(on == allocator.wanted() for _, on in seen)
+    assert _model_globals(qwen3) == stock and not allocator.in_force()
+
+
 def test_speedups_patch_the_model_modules_inside_the_block_only(tiny_qwen3, monkeypatch):
     from mlx_rft.models import load_model
 
