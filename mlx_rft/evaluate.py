@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from . import cpu
     from .data import PromptDataset, load_prompt_dataset
     from .errors import MlxRftError
     from .models import load_model
@@ -124,10 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         data = PromptDataset.from_rows(rows, tokenizer, system_prompt=system)
         funcs = list(task.reward_funcs)
     examples = list(data)[: args.limit]
-    out = evaluate_prompts(
-        model, tokenizer, examples, RewardSet(funcs[:1], on_error="none", timeout=args.reward_timeout),
-        k=args.k, sampling=sampling, seed=args.seed,
-    )
+    with cpu.speedups(model):  # CPU kernels and allocator for the whole evaluation
+        out = evaluate_prompts(
+            model, tokenizer, examples, RewardSet(funcs[:1], on_error="none", timeout=args.reward_timeout),
+            k=args.k, sampling=sampling, seed=args.seed,
+        )
     print(json.dumps({"prompts": len(examples), **out}, indent=2))
     if out["eval/unscored"]:
         print(

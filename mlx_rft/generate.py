@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+    from . import cpu
     from .models import load_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, adapter_path=args.adapter_path)
@@ -54,11 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     processors = make_logits_processors(repetition_penalty=args.repetition_penalty)
     start = time.perf_counter()
     response = None
-    for response in stream_generate(
-        model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
-        logits_processors=processors,
-    ):
-        print(response.text, end="", flush=True)
+    with cpu.speedups(model):  # CPU kernels and allocator while decoding
+        for response in stream_generate(
+            model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
+            logits_processors=processors,
+        ):
+            print(response.text, end="", flush=True)
     print()
     if args.verbose and response is not None:
         elapsed = time.perf_counter() - start
