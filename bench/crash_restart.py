@@ -1,7 +1,7 @@
 """Restart after crash, as users script it: `mlx-rft train ... --resume auto` in a loop, killed
 with SIGKILL or SIGTERM at random moments, must end with the weights of one uninterrupted run.
 
-    python bench/crash_restart.py --kills 20 --steps 12
+    python bench/crash_restart.py --kills 20 --seed 1
 
 Builds a tiny random model and a prompt file in a temporary folder, runs the job once without
 interruption, then again in a fresh folder under a killer that sends a random signal after a
@@ -62,9 +62,9 @@ def logged_steps(out: Path) -> list[int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kills", type=int, default=20, help="signals to send before letting the run finish")
-    p.add_argument("--steps", type=int, default=30, help="training steps of the job")
-    p.add_argument("--min-delay", type=float, default=0.5, help="shortest wait before a kill (s)")
-    p.add_argument("--max-delay", type=float, default=8.0, help="longest wait before a kill (s)")
+    p.add_argument("--steps", type=int, default=400, help="training steps of the job")
+    p.add_argument("--min-delay", type=float, default=4.0, help="shortest wait before a kill (s)")
+    p.add_argument("--max-delay", type=float, default=10.0, help="longest wait before a kill (s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the killer's choices")
     args = p.parse_args()
 
