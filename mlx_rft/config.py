@@ -450,7 +450,12 @@ def config_from_args(args: argparse.Namespace) -> GRPOConfig:
     return build_config(flags, getattr(args, "config", None)).validate()
 
 
-def save_config(cfg: GRPOConfig, path: str | Path) -> None:
+def config_yaml(cfg: GRPOConfig) -> str:
+    """The resolved config as YAML, loadable with `--config`."""
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: GRPOConfig, path: str | Path) -> None:
+    Path(path).write_text(config_yaml(cfg))

@@ -22,7 +22,6 @@ raw replies in memory and, optionally, in a JSONL file.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -34,16 +33,14 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
-from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import MlxRftError
 from .base import RewardOutput
+from .judge_cache import JudgeCache, Messages
 from .rubric import Rubric
 
 log = logging.getLogger(__name__)
-
-Messages = list[dict[str, str]]
 
 
 class JudgeBackend(Protocol):
@@ -311,46 +308,6 @@ class MLXJudge:
         sampling = SamplingConfig(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
         batch = generate_rollouts(self.model, self.tokenizer, prompt_ids, 1, sampling, seed=self.seed)
         return list(batch.texts)
-
-
-# ---------------------------------------------------------------------------------------------
-# The cache
-
-
-class JudgeCache:
-    """Judge replies by (judge, messages) hash: in memory, and appended to a JSONL file if given."""
-
-    def __init__(self, path: str | os.PathLike | None = None):
-        self.path = Path(path).expanduser() if path else None
-        self._mem: dict[str, str] = {}
-        if self.path is not None and self.path.is_file():
-            with self.path.open() as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                        self._mem[row["key"]] = row["text"]
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a torn last line from an interrupted run
-
-    @staticmethod
-    def key(backend_key: str, messages: Messages) -> str:
-        blob = json.dumps([backend_key, messages], sort_keys=True, ensure_ascii=False)
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def __len__(self) -> int:
-        return len(self._mem)
-
-    def get(self, key: str) -> str | None:
-        return self._mem.get(key)
-
-    def put(self, key: str, text: str) -> None:
-        if key in self._mem:
-            return
-        self._mem[key] = text
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps({"key": key, "text": text}, ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------

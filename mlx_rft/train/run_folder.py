@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import GRPOConfig
+from ..config import GRPOConfig, config_yaml
 from ..errors import MlxRftError
 from . import checkpoint as ckpt
 
@@ -153,14 +153,6 @@ def _check_branch(path: Path, step: int, run_dir: Path, present: list[str]) -> N
         )
 
 
-def _normalise(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
-
-
 def check_resume_matches(path: Path, cfg: GRPOConfig, fingerprint: str, state: dict) -> None:
     """Refuse a checkpoint whose model or maths-changing fields differ from cfg, naming them."""
     saved_cfg = ckpt.read_config(path)
@@ -169,7 +161,7 @@ def check_resume_matches(path: Path, cfg: GRPOConfig, fingerprint: str, state: d
     for name, old in saved_cfg.items():
         if name not in new or name in RESUMABLE_FIELDS:
             continue
-        if _normalise(old) != _normalise(new[name]):
+        if old != new[name]:  # YAML reads back what to_dict wrote: lists, numbers, strings
             diffs.append(f"{name} {old!r} -> {new[name]!r}")
     if (
         cfg.lr_schedule != "constant" and "num_steps" in saved_cfg
@@ -208,13 +200,7 @@ def start_run(plan: RunPlan, cfg: GRPOConfig, resumed_step: int) -> None:
         for name in ("metrics.jsonl", "rollouts.jsonl"):
             trim_jsonl(run_dir / name, resumed_step)
         (run_dir / "summary.json").unlink(missing_ok=True)
-    ckpt.atomic_write_text(run_dir / "config.yaml", cfg_yaml(cfg))
-
-
-def cfg_yaml(cfg: GRPOConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    ckpt.atomic_write_text(run_dir / "config.yaml", config_yaml(cfg))
 
 
 def trim_jsonl(path: Path, last_step: int) -> None:
