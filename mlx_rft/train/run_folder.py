@@ -120,14 +120,10 @@ def plan_run(cfg: GRPOConfig, model_dir: Path) -> RunPlan:
                 "to replace it"
             )
         return plan
-    if cfg.resume == "auto":
-        steps = ckpt.checkpoint_steps(run_dir / "checkpoints")
-        if not steps:  # nothing to continue: a crash before the first checkpoint starts afresh
-            plan.replace = bool(present)
-            return plan
-        path = ckpt.find_checkpoint("latest", run_dir)
-    else:
-        path = ckpt.find_checkpoint(cfg.resume, run_dir)
+    if cfg.resume == "auto" and not ckpt.checkpoint_steps(run_dir / "checkpoints"):
+        plan.replace = bool(present)  # nothing to continue: a crash before the first checkpoint
+        return plan
+    path = ckpt.find_checkpoint(cfg.resume, run_dir)
     state = ckpt.read_trainer_state(path)
     _check_branch(path, int(state["step"]), run_dir, present)
     check_resume_matches(path, cfg, plan.fingerprint, state)
