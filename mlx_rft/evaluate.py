@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -41,11 +42,16 @@ def evaluate_prompts(
     its score is >= 1). k = 1 with temperature 0 is greedy pass@1.
 
     A sample no reward could score counts as 0 in the mean and is counted in `eval/unscored`, so
-    an unscorable eval set is visible as such rather than as a bad model."""
+    an unscorable eval set is visible as such rather than as a bad model.
+
+    With an `answer` column (and a reward that is not an LLM judge) it also reports what a fake
+    gain would look like: `eval/distinct_answers` (how many different final answers the first
+    samples of the prompts hold) and `eval/constant_baseline` (the best mean score of answering
+    every prompt with one and the same answer; see `constant_answer_baseline`)."""
     from .rollout import generate_rollouts
 
     scores, t0 = [], time.perf_counter()
-    unscored = 0
+    unscored, first_texts = 0, []
     per_call = max(1, batch_rows // k)
     for i in range(0, len(examples), per_call):
         chunk = list(examples[i : i + per_call])
@@ -54,12 +60,45 @@ def evaluate_prompts(
         result = reward_set(prompts, ro.texts, columns_per_row(chunk, k))
         unscored += result.num_unscored
         scores.append(np.nan_to_num(np.asarray(result.total, dtype=np.float64), nan=0.0))
+        first_texts += ro.texts[::k]
     s = np.concatenate(scores).reshape(-1, k)
-    out = {"eval/accuracy": float(s.mean()), "eval/unscored": float(unscored), "eval/time": time.perf_counter() - t0}
+    out = {"eval/accuracy": float(s.mean()), "eval/unscored": float(unscored)}
     if k > 1:
         correct = (s >= 1.0 - 1e-6).sum(axis=1)
         out[f"eval/pass@{k}"] = float(np.mean([pass_at_k(k, int(c), k) for c in correct]))
+    if all("answer" in e.columns for e in examples) and not reward_set.has_judge:
+        answers = [final_answer(t) for t in first_texts]
+        out["eval/distinct_answers"] = float(len({a for a in answers if a is not None}))
+        out["eval/constant_baseline"] = constant_answer_baseline(reward_set, examples, answers)
+    out["eval/time"] = time.perf_counter() - t0
     return out
+
+
+def final_answer(text: str) -> str | None:
+    """A completion's final answer as the built-in accuracy finds it, normalised for counting."""
+    from .rewards.verifiers import extract_final_answer, normalize_text
+
+    found = extract_final_answer(text, "auto")
+    return None if found is None else normalize_text(found)
+
+
+def constant_answer_baseline(
+    reward_set, examples: Sequence[PromptExample], model_answers: Sequence[str | None], limit: int = 16
+) -> float:
+    """The best mean score one prompt-independent answer gets on these prompts.
+
+    Candidates: the `limit` most common reference answers and the `limit` most common answers the
+    model gave, each written as `<answer>c</answer>` for every prompt and scored by reward_set.
+    A held-out score at or below this is no gain over always giving the most common answer."""
+    refs = Counter(str(e.columns["answer"]) for e in examples if e.columns.get("answer") is not None)
+    mine = Counter(a for a in model_answers if a)
+    candidates = dict.fromkeys([a for a, _ in refs.most_common(limit)] + [a for a, _ in mine.most_common(limit)])
+    prompts, columns = [e.prompt for e in examples], columns_per_row(examples, 1)
+    best = 0.0
+    for c in candidates:
+        result = reward_set(prompts, [f"<answer>{c}</answer>"] * len(examples), columns)
+        best = max(best, float(np.nan_to_num(result.total, nan=0.0).mean()))
+    return best
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -176,6 +176,11 @@ class RewardSet:
         self.names = names
         self._plans = [_Plan(f, n) for f, n in zip(funcs, names)]
 
+    @property
+    def has_judge(self) -> bool:
+        """Whether an LLM judge is among the functions (each call costs judge requests)."""
+        return any(p.is_judge for p in self._plans)
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}*{w:g}" for n, w in zip(self.names, self.weights))
         return f"RewardSet({parts}, on_error={self.on_error!r})"

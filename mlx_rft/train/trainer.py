@@ -199,6 +199,11 @@ class GRPOTrainer:
                 f"warning: {out['eval/unscored']:.0f} of {len(self.eval_data) * cfg.eval_k} eval "
                 f"samples could not be scored by {self.eval_reward.names[0]!r}; they count as 0"
             )
+        if out.get("eval/distinct_answers", 2) <= 1 and len(self.eval_data) > 1:
+            self._log(
+                f"health alarm: every one of the {len(self.eval_data)} held-out prompts got the same "
+                "answer; the score is that answer's share, not learning (see eval/constant_baseline)"
+            )
         return out
 
     # ------------------------------------------------------------------ stages of a step
@@ -426,6 +431,12 @@ class GRPOTrainer:
                 r.log(step, eval_after)
             self._log(f"eval before training: {_fmt(run.eval_before)}")
             self._log(f"eval after training:  {_fmt(eval_after)}")
+            baseline = eval_after.get("eval/constant_baseline")
+            if baseline is not None and eval_after["eval/accuracy"] <= baseline:
+                self._log(
+                    f"the held-out score {eval_after['eval/accuracy']:.3f} is no better than a "
+                    f"constant answer ({baseline:.3f}: the same answer to every prompt)"
+                )
         for r in reporters:
             r.close()
         summary = {
@@ -457,6 +468,9 @@ def _current_lr(optimizer) -> float:
     return float(lr.item() if isinstance(lr, mx.array) else lr)
 
 
+COUNTS = ("eval/unscored", "eval/distinct_answers")
+
+
 def _fmt(d: dict[str, float]) -> str:
     shown = {k: v for k, v in d.items() if not k.endswith("time") and not (k == "eval/unscored" and not v)}
-    return ", ".join(f"{k} {v:.3f}" if k != "eval/unscored" else f"{k} {v:.0f}" for k, v in shown.items())
+    return ", ".join(f"{k} {v:.0f}" if k in COUNTS else f"{k} {v:.3f}" for k, v in shown.items())
