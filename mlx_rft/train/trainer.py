@@ -336,6 +336,7 @@ class GRPOTrainer:
         # Refuse a folder that holds another run, or a checkpoint that does not match, before
         # anything heavy runs or anything is written.
         plan = run_folder.plan_run(cfg, self.model_dir)
+        self.world.sum_floats(0.0)  # every rank has read the folder before rank 0 writes to it
         self.fingerprint = plan.fingerprint
         self._setup_model()
         self._setup_data()
