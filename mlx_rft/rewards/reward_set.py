@@ -259,9 +259,10 @@ class RewardSet:
         return self._combine(outputs, seconds, n)
 
     async def _guarded(self, plan: _Plan, prompts: list[str], completions: list[str], kwargs: dict):
-        """(output, error_rows) for one function; on an exception, find the failing rows one by one."""
+        """(output, error_rows, timed_out) for one function; on an exception, find the failing
+        rows one by one (never after a time-out)."""
         try:
-            return await self._timed(plan, prompts, completions, kwargs), []
+            return await self._timed(plan, prompts, completions, kwargs), [], False
         except MlxRftError:
             raise
         except RewardTimeout as e:
@@ -270,9 +271,7 @@ class RewardSet:
                     f"{e} on {len(completions)} completions; fix the function, raise "
                     "reward_timeout, or run with reward_on_error none to score such rows as None"
                 ) from None
-            out = RewardOutput(scores=[None] * len(completions), reason=f"{e} (time limit)")
-            out.metrics["timeouts"] = 1.0
-            return out, []
+            return RewardOutput(scores=[None] * len(completions), reason=f"{e} (time limit)"), [], True
         except Exception as batch_error:
             first_error = batch_error
         # The batch call raised: score row by row to find which rows fail, keeping the others.
@@ -312,7 +311,7 @@ class RewardSet:
                 f"of {n} rows, though each row scores alone; fix the function"
             ) from first_error
         reason = f"{len(bad)} rows raised, first {type(first_error).__name__}: {first_error}"
-        return RewardOutput(scores=scores, details=details, reason=reason), bad
+        return RewardOutput(scores=scores, details=details, reason=reason), bad, False
 
     async def _timed(self, plan: _Plan, prompts: list[str], completions: list[str], kwargs: dict):
         """One call of a function under the time limit (async: wait_for; sync: the watchdog)."""
@@ -336,7 +335,7 @@ class RewardSet:
         reasons: dict[str, str] = {}
         total = np.zeros(n, dtype=np.float64)
         scored = np.zeros(n, dtype=bool)
-        for plan, w, (raw, bad), secs in zip(self._plans, self.weights, outputs, seconds):
+        for plan, w, (raw, bad, timed_out), secs in zip(self._plans, self.weights, outputs, seconds):
             out = _normalize(raw, plan.name, n)
             if out.reason:
                 reasons[plan.name] = out.reason
@@ -351,7 +350,7 @@ class RewardSet:
                 "std": std,
                 "failures": float(np.sum(~ok)),
                 "errors": float(len(bad)),
-                "timeouts": float(out.metrics.pop("timeouts", 0.0)),
+                "timeouts": float(timed_out),
                 "seconds": secs,
             }
             for key, vals in out.details.items():

@@ -39,7 +39,7 @@ from ..policy.logprobs import sequence_logprobs
 from ..rewards import RewardSet
 from ..rewards.base import RewardResult
 from ..rollout import generate_rollouts
-from ..types import PromptExample, RolloutBatch, SamplingConfig
+from ..types import PromptExample, RolloutBatch
 from . import checkpoint as ckpt
 from . import run_folder
 from .distributed import init_world
@@ -78,10 +78,6 @@ class RunState:
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
     """A distinct, reproducible seed per (run seed, step) so resume replays the same samples."""
     return (seed * 1_000_003 + step * 7919 + salt) % (2**31 - 1)
-
-
-def sampling_from(cfg: GRPOConfig) -> SamplingConfig:
-    return cfg.sampling_config()
 
 
 class GRPOTrainer:
@@ -187,7 +183,7 @@ class GRPOTrainer:
         cfg = self.cfg
         temp = cfg.eval_temperature if cfg.eval_k == 1 else (cfg.eval_temperature or 1.0)
         sampling = dataclasses.replace(
-            sampling_from(cfg), temperature=temp, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0
+            cfg.sampling_config(), temperature=temp, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0
         )
         with adapters_fused(self.model):
             out = evaluate_prompts(
@@ -199,7 +195,7 @@ class GRPOTrainer:
                 f"warning: {out['eval/unscored']:.0f} of {len(self.eval_data) * cfg.eval_k} eval "
                 f"samples could not be scored by {self.eval_reward.names[0]!r}; they count as 0"
             )
-        if out.get("eval/distinct_answers", 2) <= 1 and len(self.eval_data) > 1:
+        if "eval/distinct_answers" in out and out["eval/distinct_answers"] <= 1 and len(self.eval_data) > 1:
             self._log(
                 f"health alarm: every one of the {len(self.eval_data)} held-out prompts got the same "
                 "answer; the score is that answer's share, not learning (see eval/constant_baseline)"
@@ -215,7 +211,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         # Rows are numbered globally so each sample's random draws match the single-process run.
         rollouts = self.generate(
-            examples, G, sampling_from(cfg), seed=step_seed(cfg.seed, step),
+            examples, G, cfg.sampling_config(), seed=step_seed(cfg.seed, step),
             row_offset=world.rank * n_local, total_rows=world.size * n_local,
         )
         mx.eval(rollouts.completion_ids, rollouts.logprobs)
