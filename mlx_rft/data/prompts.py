@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import MlxRftError
 from ..types import PromptExample
+from .hf import TRAIN_SPLITS, plain_rows
 from .readers import BadRow, RawRow, read_raw_rows
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,8 @@ class PromptDataset(Sequence[PromptExample]):
     ) -> PromptDataset:
         """Render in-memory rows (dicts, e.g. `Task.rows` or a `datasets.Dataset`)."""
         raw = (
-            r if isinstance(r, RawRow) else RawRow(f"{source}[{i}]", r) for i, r in enumerate(rows)
+            r if isinstance(r, RawRow) else RawRow(f"{source}[{i}]", r)
+            for i, r in enumerate(plain_rows(rows))
         )
         return _build(
             raw, tokenizer, source=source, system_prompt=system_prompt,
@@ -254,16 +256,19 @@ def load_prompt_dataset(
     on_long_prompt: str = "error",
     on_bad_row: str = "error",
     use_chat_template: bool | None = None,
+    splits: Sequence[str] = TRAIN_SPLITS,
 ) -> PromptDataset:
-    """Read a JSONL / JSON / CSV / TSV / Parquet file of prompt rows and render every prompt.
+    """Read a JSONL / JSON / CSV / TSV / Parquet file (or a `save_to_disk` folder) of prompt rows
+    and render every prompt.
 
     on_bad_row: "error" raises MlxRftError naming the file and row (1-based line for JSONL/CSV,
     0-based index for JSON/Parquet); "skip" drops such rows and counts them (`skipped_bad`).
     on_long_prompt (prompts over max_prompt_length tokens): "error", "skip" (counted), or
     "truncate" (keeps the last max_prompt_length tokens, so the generation prompt survives).
+    splits: of a saved DatasetDict folder, read the first of these splits it holds.
     """
     return _build(
-        read_raw_rows(path), tokenizer, source=str(path), system_prompt=system_prompt,
+        read_raw_rows(path, splits), tokenizer, source=str(path), system_prompt=system_prompt,
         max_prompt_length=max_prompt_length, on_long_prompt=on_long_prompt,
         on_bad_row=on_bad_row, use_chat_template=use_chat_template,
     )

@@ -1,8 +1,9 @@
-"""Reading rows from JSONL / JSON / CSV / TSV / Parquet files, unvalidated.
+"""Reading rows from JSONL / JSON / CSV / TSV / Parquet files and saved datasets, unvalidated.
 
 Each record comes with where it was found (`data.jsonl:12`); a record that cannot be parsed
 is a `BadRow`, so the caller decides (`on_bad_row`) whether it stops the run or is skipped.
-JSONL and CSV are read with the standard library (fast, no extra dependency); Parquet needs pyarrow.
+JSONL and CSV are read with the standard library (fast, no extra dependency); Parquet needs pyarrow;
+a folder is a Hugging Face `save_to_disk` dataset (hf.py, which imports `datasets` only then).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,13 +153,21 @@ def _parquet_rows(path: Path) -> Iterator[RawRow]:
         yield RawRow(f"{path}[{i}]", value)
 
 
-def read_raw_rows(path: str | Path) -> Iterator[RawRow]:
-    """Records of a JSONL / JSON / CSV / TSV / Parquet file (chosen by suffix), unvalidated."""
+def read_raw_rows(path: str | Path, splits: Sequence[str] = ("train",)) -> Iterator[RawRow]:
+    """Records of a JSONL / JSON / CSV / TSV / Parquet file (chosen by suffix), unvalidated.
+
+    A folder is read as a `save_to_disk` dataset; of a saved DatasetDict, the first of `splits`.
+    """
     path = Path(path)
     if path.is_dir():
-        raise MlxRftError(f"data file {str(path)!r} is a directory; pass a .jsonl/.json/.csv/.parquet file")
+        from .hf import saved_rows  # hf imports this module (RawRow), so not at the top
+
+        return saved_rows(path, splits)
     if not path.is_file():
-        raise MlxRftError(f"data file {str(path)!r} does not exist; pass a .jsonl/.json/.csv/.parquet file")
+        raise MlxRftError(
+            f"data file {str(path)!r} does not exist; pass a .jsonl/.json/.csv/.parquet file or a "
+            "save_to_disk folder"
+        )
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise MlxRftError(

@@ -1,18 +1,21 @@
 """A run's data and rewards from its config: the task or files, the held-out split, the rewards.
 
-Rows given in Python win over `train_file`, which wins over `task`; with neither, the default
-task. Held-out prompts come from `eval_dataset`, `eval_file` or the task's own held-out set, or
-are split off the training rows (never a prompt on both sides). Rewards come from the given
-functions or specs, else the task's own; evaluation scores with the first one.
+Rows given in Python (lists of dicts, or Hugging Face datasets) win over `train_file` (a file
+or a `save_to_disk` folder), which wins over `task`; with neither, the default task. Held-out
+prompts come from `eval_dataset`, `eval_file`, the test/validation split of a DatasetDict given
+for training, or the task's own held-out set, or are split off the training rows (never a prompt
+on both sides). Rewards come from the given functions or specs, else the task's own; evaluation
+scores with the first one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from ..config import GRPOConfig
 from ..data import PromptDataset, load_prompt_dataset, train_eval_split
+from ..data.hf import EVAL_SPLITS, first_split, saved_splits, take_splits
 from ..data.tasks import DEFAULT_TASK, load_task
 from ..errors import MlxRftError
 from ..rewards import RewardSet, resolve_reward
@@ -29,11 +32,13 @@ class RunData:
 def build_run_data(
     cfg: GRPOConfig,
     tokenizer,
-    train_rows: Sequence[dict] | None = None,
-    eval_rows: Sequence[dict] | None = None,
+    train_rows: Iterable[dict] | None = None,
+    eval_rows: Iterable[dict] | None = None,
     reward_specs: Sequence[Callable | str] = (),
 ) -> RunData:
+    """train_rows / eval_rows: row dicts, a `datasets.Dataset`, or a `DatasetDict` (its splits)."""
     task = None
+    train_rows, train_src, eval_rows, eval_src = take_splits(train_rows, eval_rows)
     rows = train_rows
     if rows is None and cfg.train_file is None:
         name = cfg.task or DEFAULT_TASK.name
@@ -45,13 +50,16 @@ def build_run_data(
         on_long_prompt=cfg.on_long_prompt, on_bad_row=cfg.on_bad_row,
     )
     if rows is not None:
-        train = PromptDataset.from_rows(rows, tokenizer, **opts)
+        train = PromptDataset.from_rows(rows, tokenizer, source=train_src, **opts)
     else:
         train = load_prompt_dataset(cfg.train_file, tokenizer, **opts)
     if eval_rows is not None:
-        evals = PromptDataset.from_rows(eval_rows, tokenizer, **opts)
+        evals = PromptDataset.from_rows(eval_rows, tokenizer, source=eval_src, **opts)
     elif cfg.eval_file:
-        evals = load_prompt_dataset(cfg.eval_file, tokenizer, **opts)
+        evals = load_prompt_dataset(cfg.eval_file, tokenizer, splits=EVAL_SPLITS, **opts)
+    elif rows is None and first_split(saved_splits(cfg.train_file), EVAL_SPLITS):
+        # A saved DatasetDict brings its own held-out split, as it does in memory.
+        evals = load_prompt_dataset(cfg.train_file, tokenizer, splits=EVAL_SPLITS, **opts)
     elif task is not None and getattr(task, "eval_rows", None):
         evals = PromptDataset.from_rows(task.eval_rows, tokenizer, **opts)
     else:
