@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from mlx_rft import GRPOConfig, GRPOTrainer
 from mlx_rft.models import load_model
+from mlx_rft.train.report import build_panels, merge_by_step
 
 
 def digit_share(prompts, completions, **columns):
@@ -98,23 +99,25 @@ def test_a_run_writes_what_it_promises(tiny_qwen3, tmp_path):
     for r in rollouts:
         assert r["reward"] == pytest.approx(digit_share([r["prompt"]], [r["completion"]])[0], abs=1e-6)
     assert (tmp_path / "checkpoints" / "step-0000003" / "adapters.safetensors").exists()
-    charts = report_charts(tmp_path / "report.html")
-    assert len(charts["reward (mean)"]) == 3 and len(charts["loss"]) == 3
+    page = (tmp_path / "report.html").read_text()
+    for panel in ("reward", "heldout", "length", "loss", "zero_std", "time"):
+        assert f"id='panel-{panel}'" in page, panel
+    reward = report_panels(res.history)["reward"].figure.axes[0]
+    assert [list(line.get_xdata()) for line in reward.lines] == [[1, 2, 3]]  # digit_share alone
 
 
-def report_charts(path) -> dict[str, list[tuple[float, float]]]:
-    """Chart title -> the plotted points (SVG coordinates) of report.html."""
-    page = path.read_text()
-    out = {}
-    for title, svg in re.findall(r"<h3>(.*?)</h3>(.*?)</div>", page, re.S):
-        out[title] = [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', svg)]
-    return out
+def report_panels(history) -> dict:
+    """Panel id -> the report's panel (its matplotlib figure holds the plotted data)."""
+    return {p.id: p for p in build_panels(merge_by_step(history))}
 
 
 def test_report_eval_panel_has_the_before_and_after_points(tiny_qwen3, tmp_path):
     cfg = make_cfg(tiny_qwen3, tmp_path, num_steps=2, eval_size=4)
-    GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS).train()
-    assert len(report_charts(tmp_path / "report.html")["eval accuracy"]) == 2
+    res = GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS).train()
+    assert "id='panel-heldout'" in (tmp_path / "report.html").read_text()
+    score = report_panels(res.history)["heldout"].figure.axes[0].lines[0]
+    assert list(score.get_xdata()) == [0, 2]
+    assert list(score.get_ydata()) == [res.eval_before["eval/accuracy"], res.eval_after["eval/accuracy"]]
 
 
 def initial_state(model_dir, out, **kw):
