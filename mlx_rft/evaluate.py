@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from collections import Counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,6 +37,7 @@ def evaluate_prompts(
     sampling: SamplingConfig,
     seed: int = 0,
     batch_rows: int = 64,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Mean score of `reward_set` over k samples per prompt, and pass@k (a sample is correct when
     its score is >= 1). k = 1 with temperature 0 is greedy pass@1.
@@ -47,7 +48,10 @@ def evaluate_prompts(
     With an `answer` column (and a reward that is not an LLM judge) it also reports what a fake
     gain would look like: `eval/distinct_answers` (how many different final answers the first
     samples of the prompts hold) and `eval/constant_baseline` (the best mean score of answering
-    every prompt with one and the same answer; see `constant_answer_baseline`)."""
+    every prompt with one and the same answer; see `constant_answer_baseline`).
+
+    progress(n), when given, is called after each batch of prompts with the n prompts it scored
+    (a progress bar's advance)."""
     from .rollout import generate_rollouts
 
     scores, t0 = [], time.perf_counter()
@@ -61,6 +65,8 @@ def evaluate_prompts(
         unscored += result.num_unscored
         scores.append(np.nan_to_num(np.asarray(result.total, dtype=np.float64), nan=0.0))
         first_texts += ro.texts[::k]
+        if progress is not None:
+            progress(len(chunk))
     s = np.concatenate(scores).reshape(-1, k)
     out = {"eval/accuracy": float(s.mean()), "eval/unscored": float(unscored)}
     if k > 1:
@@ -110,7 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--adapter-path", default=None, help="LoRA checkpoint folder from `mlx-rft train`")
     p.add_argument("--task", default=None, help="built-in task name (default: the default task)")
-    p.add_argument("--data", default=None, help="prompts file (JSONL/JSON/CSV/Parquet) instead of a task")
+    p.add_argument(
+        "--data", default=None,
+        help="prompts file (JSONL/JSON/CSV/Parquet) or save_to_disk folder (of a DatasetDict: its "
+        "test/validation split) instead of a task",
+    )
     p.add_argument("--reward-funcs", nargs="*", default=None, help="rewards for --data (first one scores)")
     p.add_argument("--limit", type=int, default=64, help="number of prompts to score")
     p.add_argument("--k", type=int, default=1, help="samples per prompt for pass@k")
@@ -134,10 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from . import cpu
     from .data import PromptDataset, load_prompt_dataset
+    from .data.hf import EVAL_SPLITS
     from .errors import MlxRftError
     from .models import load_model
     from .rewards import RewardSet, resolve_reward
     from .data.tasks import DEFAULT_TASK, load_task
+    from rich.console import Console
+
+    from .train.console import RunConsole
 
     if args.limit < 1:
         raise MlxRftError(f"--limit {args.limit}: score at least one prompt (--limit 1 or more)")
@@ -155,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.data:
         if not args.reward_funcs:
             raise MlxRftError("--data needs --reward-funcs (e.g. accuracy) to score completions")
-        data = load_prompt_dataset(args.data, tokenizer, system_prompt=args.system_prompt)
+        data = load_prompt_dataset(
+            args.data, tokenizer, system_prompt=args.system_prompt, splits=EVAL_SPLITS
+        )
         funcs = [resolve_reward(s) for s in args.reward_funcs]
     else:
         task = load_task(args.task or DEFAULT_TASK.name, seed=args.seed)
@@ -164,10 +180,12 @@ def main(argv: list[str] | None = None) -> None:
         data = PromptDataset.from_rows(rows, tokenizer, system_prompt=system)
         funcs = list(task.reward_funcs)
     examples = list(data)[: args.limit]
-    with cpu.speedups(model):  # CPU kernels and allocator for the whole evaluation
+    # The bar goes to stderr (when it is a terminal), so stdout holds only the JSON.
+    bars = RunConsole(Console(stderr=True))
+    with cpu.speedups(model), bars.eval_progress(len(examples)) as advance:
         out = evaluate_prompts(
             model, tokenizer, examples, RewardSet(funcs[:1], on_error="none", timeout=args.reward_timeout),
-            k=args.k, sampling=sampling, seed=args.seed,
+            k=args.k, sampling=sampling, seed=args.seed, progress=advance,
         )
     print(json.dumps({"prompts": len(examples), **out}, indent=2))
     if out["eval/unscored"]:

@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_from_args(args)  # validated before anything heavy loads
     from rich.console import Console
 
+    from .console import RunConsole
     from .trainer import GRPOTrainer
 
-    result = GRPOTrainer(cfg, console=Console()).train()
-    if result.interrupted:  # stopped by Ctrl-C or SIGTERM after saving: 130 / 143
+    # Live bars when cfg.progress and stdout is a terminal; plain lines in logs and CI.
+    result = GRPOTrainer(cfg, console=RunConsole(Console(), progress=cfg.progress)).train()
+    # Stopped by Ctrl-C or SIGTERM after saving: 130 / 143; ended early with nothing to learn: 3.
+    if result.exit_code:
         raise SystemExit(result.exit_code)
