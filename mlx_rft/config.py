@@ -54,8 +54,14 @@ class GRPOConfig:
     task_options: list[str] = _f(
         [], "extra task options as key=value (e.g. prompt_format=direct, format_weight=0.2)"
     )
-    train_file: str | None = _f(None, "prompts file: JSONL, JSON, CSV or Parquet with prompt or messages")
-    eval_file: str | None = _f(None, "held-out prompts file (default: split off the training data)")
+    train_file: str | None = _f(
+        None, "prompts file (JSONL, JSON, CSV, Parquet) with prompt or messages, or a save_to_disk "
+        "dataset folder (of a DatasetDict: its train split)",
+    )
+    eval_file: str | None = _f(
+        None, "held-out prompts file or save_to_disk folder (default: the test/validation split of "
+        "a DatasetDict train_file, else split off the training data)",
+    )
     eval_size: int = _f(64, "held-out prompts (split off the training data when eval_file is empty)")
     system_prompt: str | None = _f(None, "system message prepended to every prompt (overrides the task's)")
     max_prompt_length: int = _f(512, "maximum prompt length in tokens")
@@ -104,10 +110,26 @@ class GRPOConfig:
     mask_truncated_completions: bool = _f(False, "mask completions that hit max_new_tokens")
     skip_zero_advantage: bool = _f(
         True, "leave groups whose advantages are all 0 out of the gradient pass when that is exact "
-        "(beta = 0 and top_entropy_quantile = 1): the same update for less compute"
+        "(beta = 0, entropy_coef = 0 and top_entropy_quantile = 1): the same update for less compute"
     )
     top_entropy_quantile: float = _f(1.0, "train only on tokens above this entropy quantile (1.0 = all)")
+    entropy_coef: float = _f(
+        0.0, "entropy bonus: subtract this times the token entropy from the loss, against "
+        "entropy collapse (0 = off; costs a second pass over the vocabulary)"
+    )
     num_iterations: int = _f(1, "optimisation passes over each batch of rollouts (mu)")
+    dynamic_sampling: bool = _f(
+        False, "DAPO dynamic sampling: draw more prompts within a step until it holds "
+        "prompts_per_step groups whose rewards differ, and train on those"
+    )
+    max_sampling_rounds: int = _f(
+        3, "dynamic sampling: at most this many generation rounds per step (each draws "
+        "prompts_per_step prompts)"
+    )
+    max_uninformative_steps: int = _f(
+        8, "end the run (checkpoint, eval, report; exit code 3) after this many steps in a row "
+        "in which every group's completions got equal rewards, so nothing was learned (0 = never)"
+    )
 
     # --- optimisation ---
     num_steps: int = _f(60, "optimizer steps to run")
@@ -144,7 +166,7 @@ class GRPOConfig:
     sample_every: int = _f(5, "write sample completions to rollouts.jsonl every N steps")
     report_to: list[str] = _f(["jsonl"], "jsonl | tensorboard | wandb (jsonl is always written)")
     wandb_project: str = _f("mlx-rft", "Weights & Biases project when report_to includes wandb")
-    progress: bool = _f(True, "show a live progress bar")
+    progress: bool = _f(True, "live progress bars with ETA on a terminal (off, or not a terminal: plain lines)")
 
     # ------------------------------------------------------------------
     @property
@@ -183,7 +205,7 @@ class GRPOConfig:
             choice("dtype", DTYPES)
         for name in (
             "learning_rate", "lora_alpha", "lora_dropout", "weight_decay", "max_grad_norm",
-            "reward_timeout", "eval_temperature", "epsilon", "temperature", "beta",
+            "reward_timeout", "eval_temperature", "epsilon", "temperature", "beta", "entropy_coef",
         ):
             value = getattr(self, name)
             need(
@@ -223,6 +245,14 @@ class GRPOConfig:
         )
         need(self.eval_temperature >= 0, f"eval_temperature={self.eval_temperature} must be >= 0")
         need(self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1")
+        need(
+            self.max_sampling_rounds >= 1,
+            f"max_sampling_rounds={self.max_sampling_rounds} must be >= 1 (1 = no refill rounds)",
+        )
+        need(
+            self.max_uninformative_steps >= 0,
+            f"max_uninformative_steps={self.max_uninformative_steps} must be >= 0 (0 = never stop)",
+        )
         need(self.num_steps >= 1, f"num_steps={self.num_steps} must be >= 1")
         need(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
         need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
@@ -298,6 +328,7 @@ class GRPOConfig:
             loss_type=self.loss_type, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
             delta=self.delta, beta=self.beta, importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_new_tokens, top_entropy_quantile=self.top_entropy_quantile,
+            entropy_coef=self.entropy_coef,
         )
 
     def task_kwargs(self) -> dict[str, Any]:

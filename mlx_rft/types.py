@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 
@@ -89,6 +89,56 @@ class RolloutBatch:
     @property
     def lengths(self) -> mx.array:  # [N] completion lengths in tokens
         return self.completion_mask.sum(axis=1)
+
+    def select_groups(self, groups: Sequence[int]) -> RolloutBatch:
+        """The batch of the given prompt groups, in that order (whole groups of G rows)."""
+        G = self.group_size
+        rows = [g * G + j for g in groups for j in range(G)]
+        idx = mx.array(rows, dtype=mx.int32)
+        pick = (lambda a: a[idx]) if rows else (lambda a: a[:0])
+        return RolloutBatch(
+            prompt_ids=[self.prompt_ids[g] for g in groups],
+            completion_ids=pick(self.completion_ids),
+            completion_mask=pick(self.completion_mask),
+            logprobs=pick(self.logprobs),
+            truncated_logprobs=None if self.truncated_logprobs is None else pick(self.truncated_logprobs),
+            texts=[self.texts[r] for r in rows],
+            finish_reasons=[self.finish_reasons[r] for r in rows],
+            group_index=[b for b in range(len(groups)) for _ in range(G)],
+            group_size=G,
+        )
+
+    @staticmethod
+    def concat(batches: Sequence[RolloutBatch]) -> RolloutBatch:
+        """One batch holding the groups of several (same G), right-padded to the longest T."""
+        if not batches:
+            raise ValueError("concat needs at least one RolloutBatch")
+        if len(batches) == 1:
+            return batches[0]
+        G = batches[0].group_size
+        if any(b.group_size != G for b in batches):
+            raise ValueError("cannot concatenate rollouts with different group sizes")
+        T = max(int(b.completion_ids.shape[1]) for b in batches)
+
+        def cat(name: str) -> mx.array:
+            parts = [getattr(b, name) for b in batches]
+            return mx.concatenate(
+                [mx.pad(p, [(0, 0), (0, T - p.shape[1])]) if p.shape[1] < T else p for p in parts]
+            )
+
+        has_trunc = all(b.truncated_logprobs is not None for b in batches)
+        prompts = [p for b in batches for p in b.prompt_ids]
+        return RolloutBatch(
+            prompt_ids=prompts,
+            completion_ids=cat("completion_ids"),
+            completion_mask=cat("completion_mask"),
+            logprobs=cat("logprobs"),
+            truncated_logprobs=cat("truncated_logprobs") if has_trunc else None,
+            texts=[t for b in batches for t in b.texts],
+            finish_reasons=[r for b in batches for r in b.finish_reasons],
+            group_index=[g for g in range(len(prompts)) for _ in range(G)],
+            group_size=G,
+        )
 
 
 @dataclass

@@ -33,10 +33,13 @@ def _run(cmd, cwd):
     return r.stdout
 
 
-@pytest.mark.parametrize("loss_type, scale", [("dapo", "batch"), ("grpo", "group")])
-def test_two_processes_match_one(tiny_qwen3, tmp_path, loss_type, scale):
+@pytest.mark.parametrize("loss_type, scale, extra", [
+    ("dapo", "batch", []), ("grpo", "group", []),
+    ("dapo", "batch", ["dynamic"]),  # dynamic sampling: the same refills and kept groups
+])
+def test_two_processes_match_one(tiny_qwen3, tmp_path, loss_type, scale, extra):
     one, two = tmp_path / "one", tmp_path / "two"
-    args = [str(tiny_qwen3), loss_type, scale, "2"]
+    args = [str(tiny_qwen3), loss_type, scale, "2", *extra]
     _run([sys.executable, str(JOB), args[0], str(one), *args[1:]], tmp_path)
     out = _run([*launcher(), "-n", "2", "--backend", "ring", "--", sys.executable, str(JOB),
                 args[0], str(two), *args[1:]], tmp_path)
@@ -59,3 +62,6 @@ def test_two_processes_match_one(tiny_qwen3, tmp_path, loss_type, scale):
     for x, y in zip(s1, s2):
         assert x["reward/mean"] == pytest.approx(y["reward/mean"], rel=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+        if extra:
+            assert x["sampling/prompts"] == y["sampling/prompts"] and x["sampling/rounds"] >= 1
+            assert x["sampling/kept_groups"] == y["sampling/kept_groups"]

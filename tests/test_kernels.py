@@ -64,7 +64,6 @@ def test_vocab_logsumexp_softmax_and_cotangent_against_float64(dtype):
     mdt = mx.float32 if dtype == np.float32 else mx.float64
 
     np.testing.assert_allclose(np.array(kernels.logsumexp(mx.array(z, dtype=mdt))), lse, rtol=tol)
-    np.testing.assert_allclose(np.array(kernels.softmax(mx.array(z, dtype=mdt))), p, rtol=tol * 5, atol=tol)
     onehot = np.eye(700)[targets]
     got = np.array(kernels.selective_logsoftmax_cotangent(
         mx.array(z, dtype=mdt), mx.array(targets), mx.array(g)

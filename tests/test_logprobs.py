@@ -149,6 +149,33 @@ def test_gradients_of_all_paths_match_the_reference(model):
         assert_same_grads(grads_of(model, loss(**kw)), expected)
 
 
+def test_entropy_gradients_match_the_reference(model):
+    """The entropy bonus differentiates H: every path (chunked custom VJP included) gives the
+    plain autograd gradient of sum(w * logp + v * entropy)."""
+    prompts, ids, mask = batch(6)
+    rng = np.random.default_rng(6)
+    w, v = (mx.array(rng.normal(size=ids.shape).astype(np.float32)) for _ in range(2))
+
+    def objective(fn):
+        def f(m):
+            lp, ent = fn(m)
+            return (lp * w + ent * v).sum()
+        return f
+
+    expected = grads_of(model, objective(
+        lambda m: sequence_logprobs_reference(m, prompts, ids, mask, G, TEMPERATURE)
+    ))
+    only_logp = grads_of(model, lambda m: (sequence_logprobs_reference(m, prompts, ids, mask, G, TEMPERATURE)[0] * w).sum())
+    # The entropy term changes the gradient, so a path that drops it cannot pass.
+    assert max(max_diff(expected[k], only_logp[k]) for k in expected) > 1e-4
+    for kw in (dict(share_prompt=True, chunk_size=0), dict(share_prompt=False, chunk_size=4),
+               dict(share_prompt=True, chunk_size=3)):
+        got = grads_of(model, objective(
+            lambda m: sequence_logprobs(m, prompts, ids, mask, G, TEMPERATURE, with_entropy=True, **kw)
+        ))
+        assert_same_grads(got, expected)
+
+
 def test_gradients_with_frozen_head_and_lora_head(tiny_model_factory):
     """The custom VJP passes gradients to a LoRA-wrapped lm_head and none to frozen weights."""
     from mlx_lm.tuner.lora import LoRALinear

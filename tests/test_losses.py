@@ -61,6 +61,8 @@ def np_loss(logp, logp_sg, old, ref, adv, mask, cfg, entropy=None, gtc=None):
     if cfg.beta > 0:
         d = np.where(valid, ref - logp, 0.0)
         pt = pt + cfg.beta * (np.exp(d) - d - 1)
+    if cfg.entropy_coef > 0:
+        pt = pt - cfg.entropy_coef * entropy
     pt = np.where(valid, np.broadcast_to(pt, mask.shape), 0.0)
     total = (pt * mask).sum()
     if cfg.loss_type == "grpo":
@@ -144,6 +146,33 @@ def test_matches_numpy_reference(loss_type, level, clip, beta, top_q):
     assert rel_err(grad, expected_grad) <= 1e-5
     assert np.all(np.asarray(grad)[mask == 0] == 0)  # padding gets no gradient
     assert stats["num_tokens"].item() == mask.sum()
+
+
+@pytest.mark.parametrize("loss_type", LOSSES)
+def test_entropy_bonus_matches_numpy_reference(loss_type):
+    logp, old, ref, adv, mask, entropy = make_inputs(2)
+    cfg = LossConfig(loss_type=loss_type, max_completion_length=MAX_LEN, entropy_coef=0.05, beta=0.04)
+    f64 = [x.astype(np.float64) for x in (logp, old, ref, adv, mask, entropy)]
+    expected = np_loss(f64[0], f64[0], *f64[1:5], cfg, f64[5])
+    plain = np_loss(f64[0], f64[0], *f64[1:5], LossConfig(
+        loss_type=loss_type, max_completion_length=MAX_LEN, beta=0.04), f64[5])
+    assert abs(expected - plain) > 1e-3  # the bonus moves the loss
+    loss, _, grad = mlx_loss_and_grad(cfg, logp, old, ref, adv, mask, entropy)
+    assert abs(loss.item() - expected) <= 1e-5 * abs(expected), (loss.item(), expected)
+    assert rel_err(grad, np_grad(*f64[:5], cfg, f64[5])) <= 1e-5
+
+
+def test_hand_entropy_bonus():
+    # One token, A = 0, entropy 2.0: the loss is -entropy_coef * H = -0.02 (any aggregation of
+    # a single token); without entropy the bonus is refused.
+    cfg = LossConfig(loss_type="dapo", entropy_coef=0.01)
+    one = mx.array([[math.log(0.5)]])
+    loss, _ = compute_loss(cfg, one, None, None, mx.array([0.0]), mx.ones((1, 1)), entropy=mx.array([[2.0]]))
+    assert loss.item() == pytest.approx(-0.02, rel=1e-6)
+    with pytest.raises(MlxRftError, match="entropy_coef > 0"):
+        compute_loss(cfg, one, None, None, mx.array([0.0]), mx.ones((1, 1)))
+    with pytest.raises(MlxRftError, match="entropy_coef"):
+        LossConfig(entropy_coef=-1.0)
 
 
 def test_reference_exercises_every_branch():

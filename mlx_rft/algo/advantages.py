@@ -167,7 +167,7 @@ def group_advantages(
         raise MlxRftError(f"eps must be >= 0, got {eps}")
     r = _as_rewards(rewards)
     n = r.size
-    if n == 0 or n % group_size:
+    if n % group_size:  # (0 rows is a valid, empty batch: a process that kept no group)
         raise MlxRftError(
             f"{n} rewards are not a whole number of groups of {group_size}; pass all G completions "
             "of every prompt (N = number of prompts x group_size)"

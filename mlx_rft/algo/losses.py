@@ -16,6 +16,7 @@ Per token (A = the row's advantage, eps_low = epsilon, eps_high = epsilon_high o
         loss_t = -stop_gradient(min(r, 1 + eps_high)) * A * logp_t
     loss_t *= entropy_mask_t                      top_entropy_quantile < 1
     loss_t += beta * (exp(ref - logp) - (ref - logp) - 1)     k3 KL estimator, beta > 0
+    loss_t -= entropy_coef * H_t                  entropy bonus, H_t = entropy of softmax(z_t / T)
 
 Aggregation over the mask m (the variants differ only here and in the per-token term), with
 S = num_sequences (rows in the whole accumulated batch; default N, this micro-batch's rows):
@@ -65,6 +66,7 @@ class LossConfig:
     importance_sampling_level: str = "token"  # "token" or "sequence" (GSPO)
     max_completion_length: int | None = None  # dr_grpo's constant normaliser (max_new_tokens)
     top_entropy_quantile: float = 1.0  # keep the top fraction of tokens by entropy; 1 keeps all
+    entropy_coef: float = 0.0  # entropy bonus: - entropy_coef * H_t per token (needs entropy)
 
     def __post_init__(self):
         if self.loss_type not in LOSSES:
@@ -92,6 +94,8 @@ class LossConfig:
                 f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 keeps "
                 "every token)"
             )
+        if not (self.entropy_coef >= 0 and np.isfinite(self.entropy_coef)):
+            raise MlxRftError(f"entropy_coef={self.entropy_coef} must be a finite number >= 0 (0 = off)")
         if self.loss_type == "dr_grpo" and not (self.max_completion_length or 0) > 0:
             raise MlxRftError(
                 "loss_type dr_grpo divides by a constant max_completion_length; set it to the "
@@ -197,6 +201,11 @@ def _prepare(logp, old_logp, ref_logp, advantages, mask, cfg, entropy):
             "top_entropy_quantile < 1 masks tokens by entropy, but no entropy was passed; compute "
             "log-probs with with_entropy=True, or set top_entropy_quantile to 1"
         )
+    if cfg.entropy_coef > 0 and entropy is None:
+        raise MlxRftError(
+            "entropy_coef > 0 adds an entropy bonus, but no entropy was passed; compute log-probs "
+            "with with_entropy=True, or set entropy_coef to 0"
+        )
     mask = mask.astype(mx.float32)
     if old_logp is None:
         old_logp = mx.stop_gradient(logp)
@@ -240,6 +249,8 @@ def _finish(per_token, logp, ref_logp, mask, cfg, entropy, stats):
         kl_mean = mx.stop_gradient(_masked_mean(kl, mask))
         if cfg.beta > 0:
             per_token = per_token + cfg.beta * kl
+    if cfg.entropy_coef > 0:  # on every masked-in token, like the KL term (differentiable)
+        per_token = per_token - cfg.entropy_coef * entropy
     per_token = mx.where(mask > 0, per_token, 0.0)  # [N, T] also for sequence-level terms
     stats = LossStats(
         **stats,

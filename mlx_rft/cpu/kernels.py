@@ -293,15 +293,6 @@ def logsumexp(z: mx.array) -> mx.array:
     return _logsumexp_host(z) if host_ok(z) else mx.logsumexp(z, axis=-1)
 
 
-def softmax(z: mx.array) -> mx.array:
-    """softmax over the last axis of [K, V] logits (no gradient)."""
-    if not host_ok(z):
-        return mx.softmax(z, axis=-1, precise=True)
-    t, _ = _host_shifted_exp(host(z))
-    t /= t.sum(axis=-1, keepdims=True)
-    return mx.array(t, dtype=z.dtype)
-
-
 def selective_logsoftmax(
     z: mx.array, targets: mx.array, with_entropy: bool
 ) -> tuple[mx.array, mx.array | None]:

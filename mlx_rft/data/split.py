@@ -55,27 +55,35 @@ class PromptSampler:
             self._perm_epoch = epoch
         return self._perm
 
-    def next_global(self) -> list[int]:
-        """The next global batch (all ranks' indices, in rank order), advancing the state."""
+    def next_global(self, size: int | None = None) -> list[int]:
+        """The next `size` (default batch_size) indices of all ranks, in rank order, advancing
+        the state."""
+        size = self.batch_size if size is None else size
         out: list[int] = []
-        while len(out) < self.batch_size:
+        while len(out) < size:
             perm = self.permutation(self.epoch)
-            take = min(self.batch_size - len(out), self.n - self.position)
+            take = min(size - len(out), self.n - self.position)
             out.extend(int(i) for i in perm[self.position : self.position + take])
             self.position += take
             if self.position == self.n:
                 self.epoch, self.position = self.epoch + 1, 0
-        self.steps += 1
         return out
+
+    def take(self, size: int) -> list[int]:
+        """This rank's share of the next `size` global indices (extra prompts within a step,
+        e.g. dynamic sampling's refills); `size` must split evenly over the ranks."""
+        if size % self.world_size:
+            raise MlxRftError(f"cannot split {size} prompts evenly over {self.world_size} ranks")
+        per_rank = size // self.world_size
+        return self.next_global(size)[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def __iter__(self) -> PromptSampler:
         return self
 
     def __next__(self) -> list[int]:
         """This rank's indices for the next step."""
-        per_rank = self.batch_size // self.world_size
-        batch = self.next_global()
-        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+        self.steps += 1
+        return self.take(self.batch_size)
 
     @property
     def steps_per_epoch(self) -> float:

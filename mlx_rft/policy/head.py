@@ -56,11 +56,11 @@ def vocab_size(model: nn.Module) -> int | None:
 def token_stats(
     logits: mx.array, targets: mx.array, temperature: float, with_entropy: bool
 ) -> tuple[mx.array, mx.array | None]:
-    """Selective log-softmax: log p(target) and (stop-gradient) entropy from [K, V] logits.
+    """Selective log-softmax: log p(target) and the entropy from [K, V] logits, both differentiable.
 
     Uses logsumexp + gather, never a second [K, V] tensor for the log-probs. The entropy,
-    H = sum_v p_v * (lse - z_v) with z = logits / T, needs p (one more [K, V] block); it is a
-    metric / masking signal, so it carries no gradient (as in TRL).
+    H = sum_v p_v * (lse - z_v) with z = logits / T, needs p (one more [K, V] block). Its gradient
+    serves the entropy bonus; masking and metrics take it under stop_gradient.
     """
     # float32 at least (a float64 model stays float64).
     z = logits if logits.dtype == mx.float64 else logits.astype(mx.float32)
@@ -72,11 +72,18 @@ def token_stats(
     logp = chosen - lse
     entropy = None
     if with_entropy:
-        zs, lses = mx.stop_gradient(z), mx.stop_gradient(lse)
-        p = kernels.softmax(zs)
+        p = mx.softmax(z, axis=-1, precise=True)
         # Summing p * (lse - z) avoids the cancellation of lse - sum(p * z) for large logits.
-        entropy = (p * (lses[:, None] - zs)).sum(axis=-1)
+        entropy = (p * (lse[:, None] - z)).sum(axis=-1)
     return logp, entropy
+
+
+def _entropy_cotangent(z: mx.array, g: mx.array) -> mx.array:
+    """g[:, None] * dH/dz for H = entropy of softmax(z): dH/dz_v = -p_v (log p_v + H)."""
+    logp = z - mx.logsumexp(z, axis=-1, keepdims=True)
+    p = mx.exp(logp)
+    ent = -(p * logp).sum(axis=-1, keepdims=True)
+    return -g[:, None].astype(z.dtype) * p * (logp + ent)
 
 
 def _chunk_bounds(k: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -140,12 +147,14 @@ def head_token_stats(
             logps.append(logp)
             ents.append(ent if with_entropy else mx.zeros_like(logp))
             after = [logp, ents[-1]]
-        return mx.concatenate(logps), mx.stop_gradient(mx.concatenate(ents))
+        return mx.concatenate(logps), mx.concatenate(ents)
 
     @fused.vjp
     def fused_vjp(primals, cotangents, outputs):
         hidden, leaves = primals
         g = cotangents[0]
+        # The entropy's cotangent (the entropy bonus); None or zeros when nothing uses it.
+        g_ent = cotangents[1] if with_entropy and len(cotangents) > 1 else None
         dh_parts, dleaves, after = [], None, list(outputs)
         for s, e in bounds:
             hc = hidden[s:e] if on_host else mx.depends(hidden[s:e], after)
@@ -154,6 +163,8 @@ def head_token_stats(
             # after the caller's `graph_only()` block has ended; keep to the forward's choice.
             with contextlib.nullcontext() if on_host else kernels.graph_only():
                 dz = kernels.selective_logsoftmax_cotangent(z, targets[s:e], g[s:e])
+                if g_ent is not None:
+                    dz = dz + _entropy_cotangent(z, g_ent[s:e])
             _, grads = mx.vjp(lambda *a: logits_of(list(a[:-1]), a[-1]), [*leaves, hc], [dz])
             dh, dl = grads[-1], grads[:-1]
             if on_host and len(bounds) > 1:

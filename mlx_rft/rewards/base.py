@@ -17,7 +17,8 @@ turns spec strings into functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,43 @@ class RewardResult:
     def num_unscored(self) -> int:
         return int(np.sum(np.isnan(self.total)))
 
+    def select(self, rows: np.ndarray | list[int]) -> RewardResult:
+        """The result for a subset of rows (in that order). Per-function stats are recomputed on
+        the rows; wall times, time-outs and batch metrics stay those of the whole call."""
+        rows = np.asarray(rows, dtype=np.int64)
+        per_func = {k: v[rows] for k, v in self.per_func.items()}
+        return dataclasses.replace(
+            self, total=self.total[rows], per_func=per_func,
+            details={k: v[rows] for k, v in self.details.items()},
+            stats={k: {**s, **row_stats(per_func[k])} for k, s in self.stats.items()},
+        )
+
+    @staticmethod
+    def concat(results: Sequence[RewardResult]) -> RewardResult:
+        """Several scorings of the same functions as one: rows appended, stats recomputed over
+        all rows, counts, wall times and batch metrics (counts and costs) added."""
+        if len(results) == 1:
+            return results[0]
+        first = results[0]
+        per_func = {k: np.concatenate([r.per_func[k] for r in results]) for k in first.per_func}
+        stats = {}
+        for k, s in first.stats.items():
+            added = {key: float(sum(r.stats[k].get(key, 0.0) for r in results)) for key in s}
+            stats[k] = {**added, **row_stats(per_func[k])}
+        metrics: dict[str, float] = {}
+        for r in results:
+            for key, value in r.metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + float(value)
+        reasons: dict[str, str] = {}
+        for r in results:
+            for key, why in r.reasons.items():
+                reasons.setdefault(key, why)
+        return dataclasses.replace(
+            first, total=np.concatenate([r.total for r in results]), per_func=per_func,
+            details={k: np.concatenate([r.details[k] for r in results]) for k in first.details},
+            stats=stats, metrics=metrics, reasons=reasons,
+        )
+
     def unscored_reason(self) -> str:
         """Why rows went unscored, one clause per function that scored nothing."""
         parts = []
@@ -103,6 +141,12 @@ class RewardResult:
             out["judge/mean"], out["judge/std"] = _nan_mean_std(pooled)
             out["judge/failures"] = float(sum(self.stats[j]["failures"] for j in self.judges))
         return out
+
+
+def row_stats(values: np.ndarray) -> dict[str, float]:
+    """mean and std over the scored rows, and failures (None/NaN rows), of one function's scores."""
+    mean, std = _nan_mean_std(values)
+    return {"mean": mean, "std": std, "failures": float(np.sum(np.isnan(values)))}
 
 
 def _nan_mean_std(x: np.ndarray) -> tuple[float, float]:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MlxRftError
-from .base import RewardFunc, RewardOutput, RewardResult, _nan_mean_std, reward_name
+from .base import RewardFunc, RewardOutput, RewardResult, reward_name, row_stats
 from .registry import resolve_reward
 
 ON_ERROR = ("raise", "none")
@@ -344,11 +344,8 @@ class RewardSet:
             ok = ~np.isnan(values)
             total[ok] += w * values[ok]
             scored |= ok
-            mean, std = _nan_mean_std(values)
             stats[plan.name] = {
-                "mean": mean,
-                "std": std,
-                "failures": float(np.sum(~ok)),
+                **row_stats(values),
                 "errors": float(len(bad)),
                 "timeouts": float(timed_out),
                 "seconds": secs,

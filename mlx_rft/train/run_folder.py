@@ -38,7 +38,7 @@ RESUMABLE_FIELDS = frozenset({
     "num_steps", "output_dir", "resume", "overwrite", "save_every", "keep_last", "log_every",
     "sample_every", "report_to", "wandb_project", "progress", "eval_every", "eval_k",
     "eval_temperature", "gradient_accumulation_steps", "gradient_checkpointing",
-    "reward_on_error", "reward_timeout", "max_unscored_steps",
+    "reward_on_error", "reward_timeout", "max_unscored_steps", "max_uninformative_steps",
 })
 
 

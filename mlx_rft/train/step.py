@@ -54,6 +54,10 @@ class Trajectory:
     loss_mask: mx.array  # [N, T] the completion mask times row_keep
     ref_logprobs: mx.array | None = None  # [N, T] under the reference policy (beta > 0)
     seconds: dict[str, float] = field(default_factory=dict)  # generate, reward, logprobs
+    # Every completion drawn this step, with dynamic sampling also the groups it filtered out
+    # (their total rewards: the policy's reward, not only the kept batch's); None = `rewards`.
+    drawn_rewards: np.ndarray | None = None
+    sampling: dict[str, float] = field(default_factory=dict)  # dynamic sampling's metrics
 
     @property
     def group_size(self) -> int:
@@ -103,11 +107,11 @@ BatchFn = Callable[[Trajectory, GRPOConfig], tuple[list[TrainBatch], np.ndarray]
 def grpo_loss(cfg: GRPOConfig) -> LossFn:
     """The configured GRPO-family loss on the policy's log-probs of a TrainBatch."""
     loss_cfg = cfg.loss_config()
-    need_entropy = cfg.top_entropy_quantile < 1.0
+    need_entropy = cfg.top_entropy_quantile < 1.0 or cfg.entropy_coef > 0
 
     def loss_fn(model: nn.Module, batch: TrainBatch, totals: dict[str, float]):
-        # Entropy costs a second pass over [N, T, V] (~40% of the gradient pass on CPU), so it
-        # is computed only when entropy masking needs it (then it is also logged).
+        # Entropy costs a second pass over [N, T, V], so it is computed only when entropy
+        # masking or the entropy bonus needs it (then it is also logged).
         with checkpointed_layers(model) if cfg.gradient_checkpointing else contextlib.nullcontext():
             logp, entropy = sequence_logprobs(
                 model, batch.prompts, batch.completion_ids, batch.mask, batch.group_size,
@@ -146,11 +150,11 @@ def live_rows(traj: Trajectory, cfg: GRPOConfig) -> np.ndarray:
     """Indices of the rows that can change the gradient, whole groups at a time.
 
     Rows whose mask is all zero never can; when the loss is exactly 0 at advantage 0 (no KL
-    term, no entropy-quantile masking, which ranks all tokens) rows with advantage 0 cannot
-    either. The step's normalisers still count every row, so the update is the full batch's."""
+    term, no entropy bonus, no entropy-quantile masking, which ranks all tokens) rows with
+    advantage 0 cannot either. The step's normalisers still count every row, so the update is the full batch's."""
     G = traj.group_size
     live = traj.row_keep > 0
-    if cfg.skip_zero_advantage and cfg.beta == 0 and cfg.top_entropy_quantile >= 1.0:
+    if cfg.skip_zero_advantage and cfg.beta == 0 and cfg.top_entropy_quantile >= 1.0 and cfg.entropy_coef == 0:
         live &= np.asarray(traj.advantages.advantages) != 0
     groups = live.reshape(-1, G).any(axis=1)
     return np.flatnonzero(np.repeat(groups, G))
@@ -207,16 +211,23 @@ def step_metrics(
     prompts = traj.prompt_ids
     trained_tokens = float(lengths[rows].sum()) + sum(len(prompts[r // G]) for r in rows[::G])
     t = traj.seconds
+    reward_stats = traj.rewards.summary()
+    if traj.drawn_rewards is not None:
+        drawn = traj.drawn_rewards[np.isfinite(traj.drawn_rewards)]
+        reward_stats["reward/mean"] = float(drawn.mean()) if drawn.size else float("nan")
+        reward_stats["reward/std"] = float(drawn.std()) if drawn.size else float("nan")
     return {
-        **traj.rewards.summary(),
-        "advantage/mean": float(np.mean(adv)),
-        "advantage/std": float(np.std(adv)),
-        "advantage/abs_max": float(np.max(np.abs(adv))),
-        "frac_zero_std_groups": traj.advantages.num_zero_std_groups / len(traj.examples),
-        "completion/mean_length": float(lengths.mean()),
-        "completion/min_length": float(lengths.min()),
-        "completion/max_length": float(lengths.max()),
-        "completion/truncated_frac": float(np.mean([r == "length" for r in ro.finish_reasons])),
+        **reward_stats,
+        "advantage/mean": _stat(np.mean, adv),
+        "advantage/std": _stat(np.std, adv),
+        "advantage/abs_max": _stat(np.max, np.abs(adv)),
+        "frac_zero_std_groups": traj.advantages.num_zero_std_groups / max(len(traj.examples), 1),
+        "completion/mean_length": _stat(np.mean, lengths),
+        "completion/min_length": _stat(np.min, lengths),
+        "completion/max_length": _stat(np.max, lengths),
+        "completion/truncated_frac": _stat(np.mean, np.array([r == "length" for r in ro.finish_reasons])),
+        "completion/distinct_per_group": distinct_per_group(ro.texts, G),
+        "entropy/sampled": sampled_entropy(ro.logprobs, ro.completion_mask),
         "tokens_per_sec/generate": gen_tokens / max(t.get("generate", 0.0), 1e-9),
         "tokens_per_sec/train": cfg.num_iterations * trained_tokens / max(update_seconds, 1e-9),
         "update/rows": len(rows),
@@ -227,7 +238,26 @@ def step_metrics(
         "lr": lr,
         **upd.as_metrics(),
         "tokens/completion": gen_tokens,  # all generated tokens, not only those in the update
+        **traj.sampling,
     }
+
+
+def _stat(fn, values: np.ndarray) -> float:
+    """fn(values) as a float; NaN for no values (a process that kept no group this step)."""
+    return float(fn(values)) if np.size(values) else float("nan")
+
+
+def sampled_entropy(logprobs: mx.array, mask: mx.array) -> float:
+    """Mean of -log p over the sampled tokens: an unbiased estimate of the policy's per-token
+    entropy at the sampling temperature, free from the behaviour log-probs (no extra pass)."""
+    n = float(mask.sum().item())
+    return float(-(logprobs * mask).sum().item() / n) if n else float("nan")
+
+
+def distinct_per_group(texts: list[str], group_size: int) -> float:
+    """Mean number of different completions in a group (1 = all G samples identical)."""
+    groups = [texts[i : i + group_size] for i in range(0, len(texts), group_size)]
+    return float(np.mean([len(set(g)) for g in groups])) if groups else float("nan")
 
 
 def rollout_records(step: int, traj: Trajectory) -> list[dict[str, Any]]:

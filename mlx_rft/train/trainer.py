@@ -43,15 +43,21 @@ from ..types import PromptExample, RolloutBatch
 from . import checkpoint as ckpt
 from . import run_folder
 from .distributed import init_world
-from .metrics import build_reporters, format_step_line, write_report
+from .console import RunConsole
+from .metrics import build_reporters
+from .report import write_report
 from .optim import CompiledApply, build_optimizer, squared_distance
 from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
+from .dynamic_sampling import choose_groups, informative_groups
 from .run_data import build_run_data
 from .signals import GracefulStop
 from .step import (
     BatchFn, LossFn, Trajectory, TrainBatch, UpdateStats, combine_loss_stats, grpo_loss,
     rollout_records, row_keep, step_metrics, train_batches,
 )
+
+
+EXIT_NOTHING_LEARNED = 3  # the exit code of a run ended by max_uninformative_steps
 
 
 @dataclass
@@ -62,7 +68,10 @@ class TrainResult:
     eval_after: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
-    exit_code: int = 0  # 128 + the signal that stopped the run (130 Ctrl-C, 143 SIGTERM)
+    # 128 + the signal that stopped the run (130 Ctrl-C, 143 SIGTERM); EXIT_NOTHING_LEARNED when
+    # it ended early because nothing could be learned (stop_reason says why).
+    exit_code: int = 0
+    stop_reason: str | None = None
 
 
 @dataclass
@@ -85,8 +94,10 @@ class GRPOTrainer:
 
     reward_funcs: callables `(prompts, completions, **columns) -> list[float | None]` or spec
     strings (built-in names, `module:function`, `file.py:function`). Empty: the task's own.
-    train_dataset / eval_dataset: lists of row dicts (`prompt` or `messages` + columns), or None
-    to use `config.train_file` / `config.task` / the default task.
+    train_dataset / eval_dataset: lists of row dicts (`prompt` or `messages` + columns), a
+    `datasets.Dataset`, or a `DatasetDict` (its "train" split; its "test"/"validation" split is the
+    eval set unless eval_dataset is given), or None to use `config.train_file` / `config.task` /
+    the default task.
     loss: a `train.step.LossFn` `(model, TrainBatch, totals) -> (loss, stats)` instead of the
     configured GRPO-family loss; batches: a `train.step.BatchFn` `(Trajectory, config) ->
     (TrainBatch list, row indices)` instead of `train_batches`. Both are seams for new
@@ -112,7 +123,9 @@ class GRPOTrainer:
         self._eval_rows = eval_dataset
         self.model = model
         self.tokenizer = tokenizer
-        self.console = console
+        # A RunConsole, or a rich Console to wrap in one (bars when config.progress and a
+        # terminal), or None for plain printed lines.
+        self.console = console if isinstance(console, RunConsole) else RunConsole(console, self.cfg.progress)
         self.loss_fn = loss or grpo_loss(self.cfg)
         self.make_batches = batches or train_batches
         # Filled by train(): the process group, the model folder and the trainable setup...
@@ -128,14 +141,11 @@ class GRPOTrainer:
         self.eval_reward: RewardSet | None = None
         # ... and the run's watchers.
         self.health = HealthMonitor(log_warnings=False)
-        self.unscored_steps = 0
+        self.unscored_steps = self.uninformative_steps = 0
 
     # ------------------------------------------------------------------ setup
     def _log(self, msg: str) -> None:
-        if self.console is not None:
-            self.console.print(msg, highlight=False, markup=False)
-        else:
-            print(msg, flush=True)
+        self.console.log(msg)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -185,18 +195,19 @@ class GRPOTrainer:
         sampling = dataclasses.replace(
             cfg.sampling_config(), temperature=temp, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0
         )
-        with adapters_fused(self.model):
+        label = "eval before" if step == 0 else "eval after" if step == cfg.num_steps else f"eval step {step}"
+        with adapters_fused(self.model), self.console.eval_progress(len(self.eval_data), label) as advance:
             out = evaluate_prompts(
                 self.model, self.tokenizer, list(self.eval_data), self.eval_reward,
-                k=cfg.eval_k, sampling=sampling, seed=step_seed(cfg.seed, 0, salt=17),
+                k=cfg.eval_k, sampling=sampling, seed=step_seed(cfg.seed, 0, salt=17), progress=advance,
             )
         if out["eval/unscored"]:
-            self._log(
+            self.console.warn(
                 f"warning: {out['eval/unscored']:.0f} of {len(self.eval_data) * cfg.eval_k} eval "
                 f"samples could not be scored by {self.eval_reward.names[0]!r}; they count as 0"
             )
         if "eval/distinct_answers" in out and out["eval/distinct_answers"] <= 1 and len(self.eval_data) > 1:
-            self._log(
+            self.console.alarm(
                 f"health alarm: every one of the {len(self.eval_data)} held-out prompts got the same "
                 "answer; the score is that answer's share, not learning (see eval/constant_baseline)"
             )
@@ -204,40 +215,97 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ stages of a step
     def collect(self, step: int, sampler: PromptSampler) -> Trajectory:
-        """Prompts -> rollouts -> rewards -> advantages and the loss mask."""
-        cfg, world, G = self.cfg, self.world, self.cfg.group_size
-        examples = [self.train_data[i] for i in next(sampler)]
-        n_local = len(examples) * G
-        t0 = time.perf_counter()
-        # Rows are numbered globally so each sample's random draws match the single-process run.
-        rollouts = self.generate(
-            examples, G, cfg.sampling_config(), seed=step_seed(cfg.seed, step),
-            row_offset=world.rank * n_local, total_rows=world.size * n_local,
-        )
-        mx.eval(rollouts.completion_ids, rollouts.logprobs)
-        t_gen = time.perf_counter() - t0
+        """Prompts -> rollouts -> rewards -> advantages and the loss mask.
 
-        t0 = time.perf_counter()
-        rewards = self.score(self.rewards, examples, rollouts)
-        t_rew = time.perf_counter() - t0
+        With dynamic_sampling, more prompts are drawn within the step until it holds
+        prompts_per_step groups whose rewards differ (or max_sampling_rounds ran); the step
+        trains on those groups alone (see dynamic_sampling.py)."""
+        cfg, world = self.cfg, self.world
+        t = {"generate": 0.0, "reward": 0.0}
+        examples = [self.train_data[i] for i in next(sampler)]
+        rollouts, rewards = self._sample(step, 0, examples, t)
         self._check_scored(step, rewards)
+        drawn_rewards, sampling = rewards.total, {}
+        if cfg.dynamic_sampling:
+            examples, rollouts, rewards, sampling = self._fill_informative(
+                step, sampler, examples, rollouts, rewards, t
+            )
+            drawn_rewards = sampling.pop("drawn_rewards")
 
         batch_stats = None
         if world.size > 1 and cfg.scale_rewards == "batch":
             moments = RewardMoments.from_array(world.sum_floats(*RewardMoments.of(rewards.total).as_array()))
             batch_stats = moments.mean_std()
-        adv = group_advantages(rewards.total, G, scale=cfg.scale_rewards, batch_stats=batch_stats)
+        adv = group_advantages(rewards.total, cfg.group_size, scale=cfg.scale_rewards, batch_stats=batch_stats)
         keep = row_keep(adv, rollouts, cfg)
         return Trajectory(
             examples=examples, rollouts=rollouts, rewards=rewards, advantages=adv, row_keep=keep,
             loss_mask=rollouts.completion_mask * mx.array(keep)[:, None],
-            seconds={"generate": t_gen, "reward": t_rew},
+            seconds=t, drawn_rewards=drawn_rewards, sampling=sampling,
+        )
+
+    def _sample(self, step: int, round_: int, examples, seconds: dict[str, float]):
+        """One generation round: G completions of each example, scored."""
+        cfg, world, G = self.cfg, self.world, self.cfg.group_size
+        n_local = len(examples) * G
+        t0 = time.perf_counter()
+        # Rows are numbered globally so each sample's random draws match the single-process run.
+        seed = step_seed(cfg.seed, step) if round_ == 0 else step_seed(cfg.seed, step, salt=1000 + round_)
+        rollouts = self.generate(
+            examples, G, cfg.sampling_config(), seed=seed,
+            row_offset=world.rank * n_local, total_rows=world.size * n_local,
+        )
+        mx.eval(rollouts.completion_ids, rollouts.logprobs)
+        seconds["generate"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rewards = self.score(self.rewards, examples, rollouts)
+        seconds["reward"] += time.perf_counter() - t0
+        return rollouts, rewards
+
+    def _fill_informative(self, step, sampler, examples, rollouts, rewards, seconds):
+        """Dynamic sampling: refill rounds of prompts_per_step prompts until the step has found
+        that many informative groups (or max_sampling_rounds ran), then keep the first ones.
+
+        The decisions are global: every rank sees every group's flag, in the order a single
+        process draws them, so the kept groups are the single-process run's (a rank may hold
+        more of them than another, or none)."""
+        cfg, world, G = self.cfg, self.world, self.cfg.group_size
+        B, share = cfg.prompts_per_step, cfg.prompts_per_step // world.size
+        rounds = [(examples, rollouts, rewards)]
+        flags = [world.gather(informative_groups(rewards.total, G).astype(np.float32)) > 0]
+        while sum(int(f.sum()) for f in flags) < B and len(rounds) < cfg.max_sampling_rounds:
+            more = [self.train_data[i] for i in sampler.take(B)]
+            ro, rw = self._sample(step, len(rounds), more, seconds)
+            rounds.append((more, ro, rw))
+            flags.append(world.gather(informative_groups(rw.total, G).astype(np.float32)) > 0)
+        informative = np.concatenate(flags)  # [rounds * B], global draw order
+        # Global group g is round g // B, rank (g % B) // share, local group g % share there.
+        local = [
+            (g // B) * share + g % share for g in choose_groups(informative, B)
+            if (g % B) // share == world.rank
+        ]
+        rows = np.array([g * G + j for g in local for j in range(G)], dtype=np.int64)
+        all_rewards = RewardResult.concat([r[2] for r in rounds])
+        found = int(informative.sum())
+        sampling = {
+            "sampling/rounds": float(len(rounds)),
+            "sampling/prompts": float(informative.size),
+            "sampling/informative_groups": float(found),
+            "sampling/kept_groups": float(min(found, B)),
+            "frac_zero_std_groups": 1.0 - found / informative.size,  # of every group drawn
+            "drawn_rewards": all_rewards.total,
+        }
+        all_examples = [e for r in rounds for e in r[0]]
+        return (
+            [all_examples[g] for g in local],
+            RolloutBatch.concat([r[1] for r in rounds]).select_groups(local),
+            all_rewards.select(rows), sampling,
         )
 
     def add_reference(self, traj: Trajectory) -> None:
         """The reference policy's log-probs of the completions (the KL term; beta > 0 only)."""
         t0 = time.perf_counter()
-        if self.cfg.beta > 0:
+        if self.cfg.beta > 0 and traj.rollouts.num_rows:  # (a process may hold no group)
             ref_lp, _ = self.reference.run(lambda m: sequence_logprobs(
                 m, traj.prompt_ids, traj.rollouts.completion_ids, traj.loss_mask, traj.group_size,
                 self.cfg.temperature,
@@ -280,6 +348,26 @@ class GRPOTrainer:
                 "max_unscored_steps); the last checkpoint is kept"
             )
 
+    def _check_informative(self, step: int, traj: Trajectory, metrics: dict) -> str | None:
+        """Why the run should end, after max_uninformative_steps steps in a row in which every
+        group's completions got equal rewards (no advantage, nothing learned); else None."""
+        groups = len(traj.examples)
+        informative = self.world.sum_floats(float(groups - traj.advantages.num_zero_std_groups))[0]
+        self.uninformative_steps = 0 if informative else self.uninformative_steps + 1
+        limit = self.cfg.max_uninformative_steps
+        if not limit or self.uninformative_steps < limit:
+            return None
+        G = self.cfg.group_size
+        return (
+            f"steps {step - limit + 1}-{step}: in every group all {G} completions got the same "
+            f"reward (mean reward {metrics['reward/mean']:.3f}, "
+            f"{metrics['completion/distinct_per_group']:.1f} distinct completions per group), so "
+            "nothing was learned. If the samples are identical the policy has collapsed: raise "
+            "--temperature, set --epsilon-high 0.28 or --entropy-coef 0.001, or lower "
+            "--learning-rate; if the task is too hard or too easy, change it or use "
+            "--dynamic-sampling (max_uninformative_steps 0 never stops)"
+        )
+
     def train_step(self, step: int, sampler: PromptSampler, loss_and_grad) -> tuple[dict, Trajectory]:
         """collect -> reference -> batches -> num_iterations updates -> metrics."""
         cfg = self.cfg
@@ -291,9 +379,10 @@ class GRPOTrainer:
         self.add_reference(traj)
         batches, rows = self.make_batches(traj, cfg)
         # Normalise by the whole step's counts over all processes, then sum gradients: exact.
-        global_tokens = self.world.sum_floats(float(traj.loss_mask.sum().item()))[0]
-        totals = {"num_sequences": traj.rollouts.num_rows * self.world.size,
-                  "global_token_count": max(global_tokens, 1.0)}
+        global_tokens, global_rows = self.world.sum_floats(
+            float(traj.loss_mask.sum().item()), float(traj.rollouts.num_rows)
+        )
+        totals = {"num_sequences": int(global_rows), "global_token_count": max(global_tokens, 1.0)}
 
         t0 = time.perf_counter()
         # With several updates per step the step's change is not their sum: keep references to
@@ -313,7 +402,7 @@ class GRPOTrainer:
             lr=_current_lr(self.optimizer),
         )
         if self.world.size > 1:  # the step's reward statistics over all processes
-            everything = self.world.gather(np.asarray(traj.rewards.total, dtype=np.float32))
+            everything = self.world.gather(np.asarray(traj.drawn_rewards, dtype=np.float32))
             finite = everything[np.isfinite(everything)]
             m["reward/mean"] = float(finite.mean()) if finite.size else float("nan")
             m["reward/std"] = float(finite.std()) if finite.size else float("nan")
@@ -379,27 +468,37 @@ class GRPOTrainer:
                 r.log(0, run.eval_before)
 
         loss_and_grad = nn.value_and_grad(self.model, self.loss_fn)
-        interrupted, step = False, run.step
+        interrupted, stop_reason, step = False, None, run.step
         try:
-            with GracefulStop(self._log) as signals:
+            bar = self.console.train_progress(cfg.num_steps, run.step, show=main)
+            with GracefulStop(self._log) as signals, bar as advance:
                 for step in range(run.step + 1, cfg.num_steps + 1):
                     metrics, traj = self.train_step(step, run.sampler, loss_and_grad)
                     run.history.append({"step": step, **metrics})
                     if main:
                         self._report(step, metrics, run.history, reporters, rollout_log, traj)
+                        advance(metrics)
+                    stop_reason = self._check_informative(step, traj, metrics)
                     # Every rank stops at the same step when any of them got a stop signal.
                     interrupted = world.sum_floats(float(signals.requested))[0] > 0
-                    if main and (interrupted or step == cfg.num_steps or step % cfg.save_every == 0):
+                    last = interrupted or stop_reason is not None or step == cfg.num_steps
+                    if main and (last or step % cfg.save_every == 0):
                         self._save(run_dir, step, run)
-                    if interrupted:
+                    if interrupted or stop_reason:
                         break
         finally:
             if rollout_log is not None:
                 rollout_log.close()
-        exit_code = signals.exit_code if interrupted else 0
+        exit_code = signals.exit_code if interrupted else (EXIT_NOTHING_LEARNED if stop_reason else 0)
         if not main:
-            return TrainResult(run_dir, step, run.eval_before, {}, run.history, interrupted, exit_code)
-        return self._finish(run_dir, step, run, reporters, interrupted, exit_code)
+            return TrainResult(
+                run_dir, step, run.eval_before, {}, run.history, interrupted, exit_code, stop_reason
+            )
+        result = self._finish(run_dir, step, run, reporters, interrupted, exit_code)
+        if stop_reason:
+            self._log(f"run ended early at step {step} of {cfg.num_steps}: {stop_reason}")
+            result.stop_reason = stop_reason
+        return result
 
     def _report(self, step, metrics, history, reporters, rollout_log, traj: Trajectory) -> None:
         """Rank 0's per-step output: periodic eval, health alarms, reporters, console, samples."""
@@ -408,13 +507,15 @@ class GRPOTrainer:
             ev = self.evaluate(step)
             metrics.update(ev)
             history[-1].update(ev)
-        for alarm in self.health.update(step, metrics):
-            self._log(f"health alarm: {alarm}")
+        alarms = self.health.update(step, metrics)
         metrics.update(self.health.metrics())
+        history[-1].update(self.health.metrics())  # the report shades the alarms' steps
         for r in reporters:
             r.log(step, metrics)
         if step % cfg.log_every == 0 or step == cfg.num_steps:
-            self._log(format_step_line(step, cfg.num_steps, metrics))
+            self.console.step_line(step, cfg.num_steps, metrics)
+        for a in alarms:  # below the step line they are about
+            self.console.alarm(f"health alarm {a.name} at step {a.step}: {a.message}")
         if rollout_log is not None and cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             rollout_log.writelines(json.dumps(r) + "\n" for r in rollout_records(step, traj))
             rollout_log.flush()
@@ -430,14 +531,14 @@ class GRPOTrainer:
             self._log(f"eval after training:  {_fmt(eval_after)}")
             baseline = eval_after.get("eval/constant_baseline")
             if baseline is not None and eval_after["eval/accuracy"] <= baseline:
-                self._log(
+                self.console.warn(
                     f"the held-out score {eval_after['eval/accuracy']:.3f} is no better than a "
                     f"constant answer ({baseline:.3f}: the same answer to every prompt)"
                 )
         for r in reporters:
             r.close()
         summary = {
-            "model": str(self.model_dir), "steps": step, "finetune_type": self.cfg.finetune_type,
+            "model": self.model_dir.name, "steps": step, "finetune_type": self.cfg.finetune_type,
             "loss_type": self.cfg.loss_type, **{f"before {k}": v for k, v in run.eval_before.items()},
             **{f"after {k}": v for k, v in eval_after.items()},
         }
