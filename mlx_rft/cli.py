@@ -17,6 +17,7 @@ COMMANDS = {
     "import-gguf": ("mlx_rft.import_gguf", "convert a GGUF file into a Hugging Face-format folder"),
     "export": ("mlx_rft.export", "fuse LoRA adapters into full weights for sharing"),
     "doctor": ("mlx_rft.doctor", "show backend, BLAS, GEMM speed, versions, default model"),
+    "judge-check": ("mlx_rft.rewards.judge_calibrate", "check an LLM judge on its rubric's calibration pairs"),
 }
 
 

@@ -60,6 +60,14 @@ def test_example_rubrics_load_and_render():
             assert a["role"] == "assistant" and r.parse(a["content"]).raw == ex.scores
         assert msgs[-1]["content"].endswith("[Response]\nTwelve.")
         assert ("[Reference answer]\n12" in msgs[-1]["content"]) == (ref is not None)
+        # The probability method: one overall integer, so few-shot answers are lone numbers.
+        scored = r.score_messages("How many?", "Twelve.", ref)
+        assert "Reply with only one integer" in scored[0]["content"] and scored[-1] == msgs[-1]
+        answers = [int(m["content"]) for m in scored[2:-1:2]]
+        assert all(r.scale_min <= a <= r.scale_max for a in answers) and answers[0] > answers[1]
+        # Clear calibration pairs ship with every rubric (mlx-rft judge-check).
+        assert 8 <= len(r.calibration) <= 12 and r.source == str(path)
+        assert all(p.better != p.worse and (p.reference is not None) == bool(r.reference_column) for p in r.calibration)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +81,9 @@ def test_example_rubrics_load_and_render():
         ({"criteria": ["a"], "examples": [{"prompt": "p"}]}, "needs prompt, completion and scores"),
         ({"criteria": ["a", "b"], "examples": [{"prompt": "p", "completion": "c", "scores": {"a": 1}}]}, "lacks scores"),
         ({"criteria": ["a"], "temperature": 0}, "unknown rubric field"),
+        ({"criteria": ["a"], "calibration": [{"prompt": "p", "better": "b"}]}, "needs prompt, better and worse"),
+        ({"criteria": ["a"], "reference_column": "answer", "calibration": [{"prompt": "p", "better": "b", "worse": "w"}]},
+         "needs a 'reference'"),
     ],
 )
 def test_rubric_validation(data, pattern):
@@ -218,11 +229,14 @@ def test_openai_judge_scores_with_auth_header_and_parses(endpoint, rubric, monke
     monkeypatch.setenv(KEY_VAR, "sk-test-123")
     ep = endpoint(grader)
     backend = OpenAIJudge(ep.url, "judge-model", api_key_env=KEY_VAR, temperature=0.0, max_tokens=64)
-    judge = make_judge_reward(rubric, backend)
+    judge = make_judge_reward(rubric, backend, method="text")
     out = score(judge, ["GOOD", "bad", "GOOD"])
     assert out.scores == pytest.approx([combined(9, 7), combined(2, 3), combined(9, 7)])
     assert out.details["correctness"] == pytest.approx([8 / 9, 1 / 9, 8 / 9])
-    assert out.metrics == {"requests": 2.0, "cache_hits": 0.0, "backend_failures": 0.0, "parse_failures": 0.0}
+    counts = {k: out.metrics[k] for k in ("requests", "cache_hits", "backend_failures", "parse_failures")}
+    assert counts == {"requests": 2.0, "cache_hits": 0.0, "backend_failures": 0.0, "parse_failures": 0.0}
+    assert out.metrics["unordered_groups"] == 0.0 and out.metrics["judge_tokens"] == 0.0  # no usage sent
+    assert out.metrics["seconds"] > 0
     req = ep.requests[0]
     assert req["model"] == "judge-model" and req["temperature"] == 0.0 and req["max_tokens"] == 64
     assert req["messages"][0]["role"] == "system" and "[Question]\nQ?" in req["messages"][-1]["content"]
@@ -294,7 +308,7 @@ def test_garbage_replies_are_none_and_counted(endpoint, rubric):
 
     ep = endpoint(garbage)
     backend = OpenAIJudge(ep.url, "m", max_retries=2, backoff=0.01)
-    judge = make_judge_reward(rubric, backend)
+    judge = make_judge_reward(rubric, backend, method="text")
     result = RewardSet([judge, lambda p, c, **k: [1.0] * len(c)])(["Q?"] * 4, ["html", "noscore", "reject", "GOOD"])
     np.testing.assert_allclose(result.per_func["judge"], [np.nan, np.nan, np.nan, combined(9, 7)])
     assert result.metrics["judge/backend_failures"] == 2.0  # html body + rejected request
@@ -323,18 +337,18 @@ def test_cache_dedupes_and_persists(endpoint, rubric, tmp_path, monkeypatch):
     ep = endpoint(grader)
     cache_file = tmp_path / "judge_cache.jsonl"
     backend = OpenAIJudge(ep.url, "m", api_key_env=KEY_VAR)
-    judge = make_judge_reward(rubric, backend, cache_path=cache_file)
+    judge = make_judge_reward(rubric, backend, method="text", cache_path=cache_file)
     out = score(judge, ["GOOD", "GOOD", "bad", "GOOD"])  # a group with duplicate completions
     assert len(ep.requests) == 2 and out.metrics["requests"] == 2.0
     out2 = score(judge, ["bad", "GOOD"])
     assert len(ep.requests) == 2 and out2.metrics["cache_hits"] == 2.0
     assert out2.scores == pytest.approx([combined(2, 3), combined(9, 7)])
     # A fresh judge (a new run) reads the file and asks nothing.
-    again = make_judge_reward(rubric, OpenAIJudge(ep.url, "m", api_key_env=KEY_VAR), cache_path=cache_file)
+    again = make_judge_reward(rubric, OpenAIJudge(ep.url, "m", api_key_env=KEY_VAR), method="text", cache_path=cache_file)
     assert score(again, ["GOOD"]).metrics["cache_hits"] == 1.0 and len(ep.requests) == 2
     assert "sk-should-not-be-cached" not in cache_file.read_text()
     # A different judge model does not share entries.
-    other = make_judge_reward(rubric, OpenAIJudge(ep.url, "other-model"), cache_path=cache_file)
+    other = make_judge_reward(rubric, OpenAIJudge(ep.url, "other-model"), method="text", cache_path=cache_file)
     score(other, ["GOOD"])
     assert len(ep.requests) == 3
 
@@ -430,7 +444,7 @@ def scripted_server(scripted_model_factory, tmp_path_factory):
 
 def test_mlx_lm_server_plumbing(scripted_server, rubric):
     backend = OpenAIJudge(scripted_server, "default_model", max_tokens=12, timeout=60, max_retries=1)
-    judge = make_judge_reward(rubric, backend)
+    judge = make_judge_reward(rubric, backend, method="text")
     result = RewardSet([judge])(["Q?"] * 3, ["one", "two", "one"])
     # Two distinct pairs, two requests; every reply is "7", a lone score for both criteria.
     assert result.metrics["judge/requests"] == 2.0 and result.metrics["judge/backend_failures"] == 0.0
@@ -448,7 +462,7 @@ def test_mlx_lm_server_unparseable_replies_are_none_and_counted(tiny_model_facto
     try:
         backend = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "default_model", max_tokens=12, timeout=60,
                               max_retries=1)
-        judge = make_judge_reward(rubric, backend)
+        judge = make_judge_reward(rubric, backend, method="text")
         result = RewardSet([judge])(["Q?"] * 3, ["one", "two", "one"])
     finally:
         stop_server(proc, log)
@@ -505,7 +519,7 @@ def test_mlx_judge_uses_the_base_model_when_adapters_are_on(tiny_qwen3, rubric):
     assert judged == base  # ...and the judge runs without them
     assert MLXJudge(model, tok, max_new_tokens=12, disable_adapters=False).generate(batch) == policy  # restored
 
-    judge = make_judge_reward(rubric, MLXJudge(model, tok, max_new_tokens=12))
+    judge = make_judge_reward(rubric, MLXJudge(model, tok, max_new_tokens=12), method="text")
     result = RewardSet([judge])(["Q?"] * 2, ["a", "b"])
     assert result.metrics["judge/requests"] == 2.0 and result.metrics["judge/backend_failures"] == 0.0
     # The random model's replies are no score: both None, both counted.
@@ -516,8 +530,323 @@ def test_mlx_judge_scores_parsed_replies(scripted_model_factory, rubric):
     from mlx_rft.models import load_model
 
     model, tok = load_model(scripted_model_factory({GENERATION_PROMPT: "7"}))
-    judge = make_judge_reward(rubric, MLXJudge(model, tok, max_new_tokens=12))
+    judge = make_judge_reward(rubric, MLXJudge(model, tok, max_new_tokens=12), method="text")
     result = RewardSet([judge])(["Q?"] * 3, ["a", "b", "a"])
     assert judge.last_texts == ["7"] * 3
     assert result.metrics["judge/requests"] == 2.0 and result.metrics["judge/parse_failures"] == 0.0
     np.testing.assert_allclose(result.total, [combined(7, 7)] * 3, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores from probabilities (method="probs")
+
+import math  # noqa: E402
+
+from mlx_rft.rewards.base import RewardResult  # noqa: E402
+from mlx_rft.rewards.judge_calibrate import calibrate  # noqa: E402
+
+LN = math.log
+
+
+def logprob_body(tops: list[dict[str, float]], text: str | None, tokens: int = 102) -> bytes:
+    """A chat-completions body with OpenAI-style logprobs.content (one entry per position)."""
+    content = [
+        {"token": max(t, key=t.get), "logprob": max(t.values()),
+         "top_logprobs": [{"token": k, "logprob": v} for k, v in t.items()]}
+        for t in tops
+    ]
+    return json.dumps({
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": {"content": content}}],
+        "usage": {"prompt_tokens": tokens - 2, "completion_tokens": 2, "total_tokens": tokens},
+    }).encode()
+
+
+def last_response(body) -> str:
+    return body["messages"][-1]["content"].rsplit("[Response]\n", 1)[-1]
+
+
+def score_grader(n, body, path):
+    """GOOD: p(8) = p(9) = 0.5; NOLOGPROBS: plain text "7"; JUNK: no score anywhere; else 2 or 3."""
+    response = last_response(body)
+    if response == "NOLOGPROBS":
+        return 200, chat_body("7"), {}, 0.0
+    if response == "JUNK":
+        return 200, logprob_body([{"Hello": LN(0.9), "The": LN(0.1)}], "Hello"), {}, 0.0
+    if response == "GOOD":
+        return 200, logprob_body([{"8": LN(0.5), "9": LN(0.5)}], "8"), {}, 0.0
+    return 200, logprob_body([{"2": LN(0.75), "3": LN(0.25), "The": LN(0.0001)}], "2"), {}, 0.0
+
+
+def norm10(x):  # a 1..10 score on [0, 1]
+    return (x - 1) / 9
+
+
+def test_openai_probs_expected_score_and_text_fallback(endpoint, rubric):
+    ep = endpoint(score_grader)
+    judge = make_judge_reward(rubric, OpenAIJudge(ep.url, "m", top_logprobs=7))
+    out = score(judge, ["GOOD", "bad", "NOLOGPROBS", "JUNK", "GOOD"])
+    assert out.scores[:3] == pytest.approx([norm10(8.5), norm10(2.25), norm10(7)])
+    assert out.scores[3] is None and out.scores[4] == pytest.approx(norm10(8.5))
+    m = out.metrics
+    assert m["requests"] == 4 and m["text_fallbacks"] == 1 and m["parse_failures"] == 1
+    assert m["judge_tokens"] == 3 * 102  # usage of the replies that carried it
+    assert "could not be read" in out.reason
+    assert out.details["score_mass"][0] == pytest.approx(1.0) and out.details["score_mass"][3] == 0.0
+    req = ep.requests[0]
+    assert req["logprobs"] is True and req["top_logprobs"] == 7 and req["max_tokens"] == 3  # "10" + a space
+    assert "Reply with only one integer from 1 (worst) to 10 (best)" in req["messages"][0]["content"]
+
+
+def test_mlx_lm_server_returns_logprobs_for_probs(scripted_server, rubric):
+    """The real server: top_logprobs come back, and the scripted model's "7" has all the mass."""
+    backend = OpenAIJudge(scripted_server, "default_model", timeout=60, max_retries=1)
+    judge = make_judge_reward(rubric, backend, cache=False)
+    result = RewardSet([judge])(["Q?"] * 2, ["one", "two"])
+    assert result.metrics["judge/backend_failures"] == 0.0 and result.metrics["judge/text_fallbacks"] == 0.0
+    np.testing.assert_allclose(result.per_func["judge"], [norm10(7)] * 2, atol=1e-4)
+    assert result.metrics["judge/judge_tokens"] > 0
+
+
+def direct_expected(model, ids, tok, lo, hi):
+    """The expected score from one plain forward of the full prompt (+ "1" for 10 as "1", "0")."""
+    import mlx.core as mx
+
+    def tid(s):
+        return tok.encode("\n" + s, add_special_tokens=False)[1:]
+
+    one = tid("1")
+    ten = tid("10") if hi >= 10 else None
+    seq = ids + (one if ten and len(ten) == 2 else [])
+    logits = model(mx.array([seq]))[0].astype(mx.float32)
+    logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    root = logp[len(ids) - 1]
+    p = {v: math.exp(root[tid(str(v))[0]]) for v in range(lo, min(hi, 9) + 1)}
+    if ten:
+        assert len(ten) == 2 and ten[0] == one[0]  # the tiny tokenizer splits "10": the chained case
+        after_one = math.exp(logp[len(ids)][ten[1]])
+        p[10] = p[1] * after_one
+        p[1] *= 1 - after_one
+    return sum(v * q for v, q in p.items()) / sum(p.values())
+
+
+@pytest.mark.parametrize("arch, scale", [("qwen3", (1, 10)), ("llama", (1, 5))])
+def test_mlx_probs_match_a_plain_forward_pass(tiny_model_factory, arch, scale):
+    from mlx_rft.models import load_model
+
+    model, tok = load_model(tiny_model_factory(arch))
+    r = Rubric.from_dict({"name": "p", "scale": list(scale), "criteria": ["quality"]})
+    # batch_size 4 over two groups of 3: the second group spans two forward batches.
+    backend = MLXJudge(model, tok, batch_size=4)
+    judge = make_judge_reward(r, backend, cache=False)
+    prompts = ["What is 2+2?"] * 3 + ["Name a colour."] * 3
+    completions = ["4", "five", "It is 4, since 2 + 2 = 4.", "blue", "Blue is a colour.", "banana"]
+    out = score(judge, completions, prompts=prompts)
+    lo, hi = scale
+    full = [backend._encode(r.score_messages(q, c)) for q, c in zip(prompts, completions)]
+    want = [(direct_expected(model, ids, tok, lo, hi) - lo) / (hi - lo) for ids in full]
+    np.testing.assert_allclose(out.scores, want, atol=1e-5)
+    assert len(set(np.round(out.scores, 6))) == 6  # a random judge still tells them apart
+    # The shared prefix is prefilled once per batch: fewer tokens than six full prompts.
+    assert 0 < out.metrics["judge_tokens"] < sum(len(ids) for ids in full)
+    assert out.metrics["unordered_groups"] == 0.0 and out.reason is None
+
+
+def test_probs_need_a_back_end_with_option_logprobs(rubric):
+    class TextOnly:
+        cache_key = "text-only"
+
+        async def complete(self, batch):
+            return ["7"] * len(batch)
+
+    with pytest.raises(MlxRftError, match="method='text'"):
+        make_judge_reward(rubric, TextOnly())
+    assert make_judge_reward(rubric, TextOnly(), method="text").method == "text"
+    with pytest.raises(MlxRftError, match="unknown"):
+        make_judge_reward(rubric, TextOnly(), method="vibes")
+    with pytest.raises(MlxRftError, match="integer scale"):
+        make_judge_reward(Rubric.from_dict({"name": "f", "scale": [0, 0.5], "criteria": ["q"]}),
+                          OpenAIJudge("http://127.0.0.1:1/v1", "m"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise
+
+
+def quality(text: str) -> int:
+    return int(text.split()[-1])
+
+
+def pair_grader(biased=False):
+    """Prefers the response with the higher trailing number (p = 0.9), or always says A."""
+    def respond(n, body, path):
+        last = body["messages"][-1]["content"]
+        a = last.split("[Response A]\n")[1].split("\n\n[Response B]")[0]
+        b = last.split("[Response B]\n")[1]
+        p_a = 0.8 if biased else (0.9 if quality(a) > quality(b) else 0.1)
+        return 200, logprob_body([{"A": LN(p_a), "B": LN(1 - p_a)}], "A"), {}, 0.0
+    return respond
+
+
+def test_pairwise_ranks_each_group_and_caps_pairs(endpoint, rubric):
+    ep = endpoint(pair_grader())
+    judge = make_judge_reward(rubric, OpenAIJudge(ep.url, "m"), method="pairwise", opponents=0)
+    group_a = ["answer 3", "answer 1", "answer 4", "answer 2"]
+    group_b = ["reply 2", "reply 9", "reply 2"]  # a duplicate: one item, one reward
+    out = score(judge, group_a + group_b, prompts=["Qa"] * 4 + ["Qb"] * 3)
+    a, b = out.scores[:4], out.scores[4:]
+    assert np.argsort(a).tolist() == [1, 3, 0, 2]  # ordered by quality
+    assert b[0] == b[2] < b[1]
+    assert out.metrics["requests"] == 2 * (6 + 1) and out.metrics["pairs"] == 7  # both orders of each pair
+    first = ep.requests[0]["messages"]
+    assert "Reply with only the letter" in first[0]["content"] and first[-1]["content"].startswith("[Question]\nQa")
+    # Capped: 6 completions, 2 opponents each -> 6 pairs (a cycle) instead of 15.
+    ep.requests.clear()
+    capped = make_judge_reward(rubric, OpenAIJudge(ep.url, "m"), method="pairwise", opponents=2, cache=False)
+    out = score(capped, [f"x {q}" for q in (5, 1, 3, 6, 2, 4)], prompts=["Qc"] * 6)
+    assert len(ep.requests) == 12 and out.metrics["pairs"] == 6
+    assert np.argmax(out.scores) == 3 and np.argmin(out.scores) == 1
+
+
+def test_pairwise_debiasing_turns_an_a_sayer_into_no_order(endpoint, rubric):
+    ep = endpoint(pair_grader(biased=True))
+    judge = make_judge_reward(rubric, OpenAIJudge(ep.url, "m"), method="pairwise")
+    out = score(judge, ["answer 3", "answer 1", "answer 4"])
+    assert out.scores == pytest.approx([0.5] * 3)
+    assert out.metrics["unordered_groups"] == 1.0 and "ordered none of the 1 groups" in out.reason
+
+
+def test_pairwise_on_a_local_model_wires_orders_and_groups(tiny_qwen3, rubric):
+    from mlx_rft.models import load_model
+    from mlx_rft.rewards import judge_pairwise as pw
+
+    model, tok = load_model(tiny_qwen3)
+    backend = MLXJudge(model, tok)
+    judge = make_judge_reward(rubric, backend, method="pairwise", cache=False)
+    completions = ["4", "five", "It is 4.", "five"]
+    out = score(judge, completions, prompts=["What is 2+2?"] * 4)
+    # The same verdicts by hand: P(A) for both orders of each pair, debiased, Bradley-Terry.
+    texts = ["4", "five", "It is 4."]
+    pairs = pw.pair_schedule(3, 4, "")
+    chats = [pw.pair_messages(rubric, "What is 2+2?", texts[a], texts[b]) for i, j in pairs for a, b in ((i, j), (j, i))]
+    p_a = [pw.choice_probability(r.logprobs) for r in backend.score_options(chats, ["A", "B"])]
+    prefs = {pair: pw.pair_preference(p_a[2 * k], p_a[2 * k + 1]) for k, pair in enumerate(pairs)}
+    want = pw.pairwise_rewards(3, prefs)
+    np.testing.assert_allclose(out.scores, [want[0], want[1], want[2], want[1]], atol=1e-6)
+    assert np.mean(want) == pytest.approx(0.5) and out.metrics["requests"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Knowing when the judge is useless
+
+
+def constant_grader(n, body, path):
+    return 200, logprob_body([{"7": 0.0}], "7"), {}, 0.0
+
+
+def test_a_judge_that_orders_nothing_stops_the_run(endpoint, rubric):
+    ep = endpoint(constant_grader)
+    judge = make_judge_reward(rubric, OpenAIJudge(ep.url, "judge-7b"), max_unordered_steps=2, cache=False)
+    prompts, completions = ["Q1", "Q1", "Q2", "Q2"], ["a", "b", "c", "d"]
+    first = RewardSet([judge])(prompts, completions)
+    assert first.metrics["judge/unordered_groups"] == 1.0
+    assert first.reasons["judge"] == "the judge ordered none of the 2 groups: all 4 completions scored 0.6667"
+    # A group of identical completions is no evidence against the judge: the count stays.
+    RewardSet([judge])(["Q3", "Q3"], ["same", "same"])
+    with pytest.raises(MlxRftError) as info:
+        RewardSet([judge])(prompts, completions)
+    message = str(info.value)
+    for words in ("for 2 calls in a row", "all 4 completions scored", "judge-7b", ep.url.split("/v1")[0],
+                  "rubric 't'", "method='probs'", "method='pairwise'", "bigger judge"):
+        assert words in message
+
+
+def test_an_ordered_call_resets_the_count_and_zero_never_stops(endpoint, rubric):
+    ep = endpoint(score_grader)
+    judge = make_judge_reward(rubric, OpenAIJudge(ep.url, "m"), max_unordered_steps=2)
+    tied, ordered = ["bad", "also bad"], ["GOOD", "bad"]
+    score(judge, tied)
+    assert score(judge, ordered).metrics["unordered_groups"] == 0.0
+    score(judge, tied)  # one in a row again, not two
+    with pytest.raises(MlxRftError, match="2 calls in a row"):
+        score(judge, tied)
+    never = make_judge_reward(rubric, OpenAIJudge(ep.url, "m"), max_unordered_steps=0)
+    for _ in range(3):
+        assert score(never, tied).metrics["unordered_groups"] == 1.0
+    # The score entry point (calibration) never stops either.
+    for _ in range(3):
+        asyncio.run(judge.score(["Q?"] * 2, tied))
+
+
+def test_fractions_average_and_counts_add_over_rounds():
+    def result(unordered, requests):
+        return RewardResult(
+            total=np.zeros(2), per_func={"judge": np.zeros(2)}, details={},
+            stats={"judge": {"mean": 0.0, "std": 0.0, "failures": 0.0}},
+            metrics={"judge/unordered_groups": unordered, "judge/requests": requests}, weights={"judge": 1.0},
+        )
+
+    both = RewardResult.concat([result(1.0, 4.0), result(0.0, 6.0)])
+    assert both.metrics == {"judge/unordered_groups": 0.5, "judge/requests": 10.0}
+
+
+def test_judge_spec_methods(endpoint):
+    from mlx_rft.rewards import resolve_reward
+
+    ep = endpoint(pair_grader())
+    rubric_path = str(EXAMPLES / "helpfulness.yaml")
+    judge = resolve_reward(
+        f"judge(rubric={rubric_path!r}, url={ep.url!r}, model='m', method='pairwise', opponents=2, "
+        "max_unordered_steps=5, top_logprobs=5)"
+    )
+    assert judge.method == "pairwise" and judge.backend.top_logprobs == 5
+    out = score(judge, ["a 1", "a 2"])
+    assert out.scores[1] > out.scores[0] and ep.requests[0]["top_logprobs"] == 5
+    assert resolve_reward(f"judge(rubric={rubric_path!r}, url={ep.url!r})").method == "probs"  # the default
+    with pytest.raises(MlxRftError, match="unknown"):
+        resolve_reward(f"judge(rubric={rubric_path!r}, url={ep.url!r}, method='rank')")
+
+
+CALIBRATED = {
+    "name": "cal", "scale": [1, 10], "criteria": ["quality"],
+    "calibration": [{"prompt": f"Q{i}", "better": "GOOD", "worse": f"bad {i}"} for i in range(4)],
+}
+
+
+def test_calibrate_tells_a_useful_judge_from_a_constant_one(endpoint):
+    r = Rubric.from_dict(CALIBRATED)
+    good = calibrate(make_judge_reward(r, OpenAIJudge(endpoint(score_grader).url, "m")))
+    assert good == {"agreement": 1.0, "ties": 0.0, "spread": pytest.approx((norm10(8.5) - norm10(2.25)) / 2),
+                    "pairs": 4.0, "unscored": 0.0}
+    flat = calibrate(make_judge_reward(r, OpenAIJudge(endpoint(constant_grader).url, "m"), max_unordered_steps=1))
+    assert flat["agreement"] == 0.0 and flat["ties"] == 1.0 and flat["spread"] == 0.0  # and no stop
+    with pytest.raises(MlxRftError, match="no calibration pairs"):
+        calibrate(make_judge_reward(Rubric.from_dict({**CALIBRATED, "calibration": []}), OpenAIJudge(endpoint(score_grader).url, "m")))
+
+
+def test_calibrate_a_local_judge_on_a_shipped_rubric(tiny_qwen3):
+    spec = f"judge(rubric={str(EXAMPLES / 'math_reasoning.yaml')!r}, local_model={str(tiny_qwen3)!r})"
+    from mlx_rft.rewards import resolve_reward
+
+    stats = calibrate(resolve_reward(spec))
+    assert stats["pairs"] == 10 and stats["unscored"] == 0
+    assert 0.0 <= stats["agreement"] <= 1.0 and 0.0 <= stats["ties"] <= 1.0 - stats["agreement"]
+    assert 0.0 < stats["spread"] <= 0.5  # a random model's expected scores still differ
+
+
+def test_judge_check_command(endpoint, tmp_path, capsys):
+    import yaml
+
+    from mlx_rft.rewards.judge_calibrate import main
+
+    path = tmp_path / "cal.yaml"
+    path.write_text(yaml.safe_dump(CALIBRATED))
+    good, flat = endpoint(score_grader), endpoint(constant_grader)
+    with pytest.raises(SystemExit) as info:
+        main(["--spec", f"judge(rubric={str(path)!r}, url={good.url!r})"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "agreement 1.00, ties 0.00" in out and str(path) in out
+    with pytest.raises(SystemExit) as info:
+        main(["--spec", f"judge(rubric={str(path)!r}, url={flat.url!r})", "--json"])
+    assert info.value.code == 1 and json.loads(capsys.readouterr().out)["ties"] == 1.0
+    with pytest.raises(MlxRftError, match="not a judge"):
+        main(["--spec", "format"])

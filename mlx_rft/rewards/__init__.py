@@ -4,7 +4,8 @@
     rewards = RewardSet(["accuracy", "format"], weights=[1.0, 0.2])
     result = rewards(prompts, completions, {"answer": answers})   # RewardResult; result.total [N]
 
-Heavier pieces load on use: `rewards.code` (sandbox), `rewards.judge` / `rewards.rubric` (RLAIF).
+Heavier pieces load on use: `rewards.code` (sandbox), `rewards.judge` / `rewards.rubric` (RLAIF),
+`rewards.judge_calibrate` (is a judge any use? `mlx-rft judge-check`).
 """
 
 from .base import RewardOutput, RewardResult

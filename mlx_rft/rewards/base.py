@@ -26,6 +26,9 @@ import numpy as np
 
 RewardFunc = Callable[..., Any]
 
+# Metric names (after the function's "name/") that are a fraction of the call's rows or groups.
+FRACTION_METRICS = frozenset({"unordered_groups"})
+
 
 @dataclass
 class RewardOutput:
@@ -89,7 +92,8 @@ class RewardResult:
     @staticmethod
     def concat(results: Sequence[RewardResult]) -> RewardResult:
         """Several scorings of the same functions as one: rows appended, stats recomputed over
-        all rows, counts, wall times and batch metrics (counts and costs) added."""
+        all rows, counts, wall times and batch metrics (counts and costs) added; metrics that are
+        fractions (FRACTION_METRICS) averaged."""
         if len(results) == 1:
             return results[0]
         first = results[0]
@@ -102,6 +106,9 @@ class RewardResult:
         for r in results:
             for key, value in r.metrics.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value)
+        for key in metrics:
+            if key.rsplit("/", 1)[-1] in FRACTION_METRICS:  # shares of each call: their mean, not sum
+                metrics[key] /= sum(key in r.metrics for r in results)
         reasons: dict[str, str] = {}
         for r in results:
             for key, why in r.reasons.items():

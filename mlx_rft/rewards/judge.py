@@ -1,317 +1,55 @@
-"""RLAIF: an LLM judge as a reward. A rubric (rubric.py) makes the judge's prompts and reads its
-scores; a back end answers batches of chat messages.
+"""RLAIF: an LLM judge as a reward. A rubric (rubric.py) makes the judge's prompts; a back end
+(judge_backends.py: a local MLX model or an OpenAI-compatible server) answers them.
 
-Back ends implement one small protocol, `async complete(messages_batch) -> list[str | None]`
-(None = no answer), plus a `cache_key` string naming the judge model and its settings:
+Three ways to turn the judge's answers into rewards (`method=`):
 
-- `MLXJudge`: a local MLX model (another model folder, or the policy itself with its LoRA
-  adapters switched off), batched through the rollout engine.
-- `OpenAIJudge`: any OpenAI-compatible `/v1/chat/completions` endpoint (mlx_lm.server, vLLM,
-  llama.cpp, hosted APIs), with a concurrency limit, timeouts, and retries with exponential backoff
-  on connection errors, timeouts, 429 and 5xx. The API key is read at request time from an
-  environment variable whose NAME is configured; the key itself is never stored, logged or cached.
-  Uses only the standard library (urllib in a thread pool).
+- "probs" (default): one overall score per completion, read from the judge's next-token
+  distribution: the expected score over the scale's integer tokens, renormalised (G-Eval;
+  maths in judge_scoring.py). No decoding; differs between completions whenever the judge's
+  belief does, where a sampled number is the same for all of them from a small judge. A server
+  that returns no log-probs is read from its (short) reply text instead (`text_fallbacks`).
+- "text": the judge writes per-criterion scores as JSON, parsed by the rubric; needs a judge
+  that follows the format, and gives per-criterion sub-scores (RewardOutput.details).
+- "pairwise": completions of the same prompt compared two at a time, both orders, ranked by a
+  Bradley-Terry fit (judge_pairwise.py). Rewards are relative to the group: the strongest signal
+  from a weak judge, at G * opponents requests per group instead of G.
 
-`make_judge_reward(rubric, backend)` returns an async reward whose result carries per-criterion
-scores (RewardOutput.details) and counters (requests, cache hits, back-end failures, parse
-failures) as metrics. Identical judge prompts (e.g. duplicate completions in a GRPO group, or the
-same pair in a later epoch) are asked once: a cache keyed by (judge, messages) keeps the judge's
-raw replies in memory and, optionally, in a JSONL file.
+Groups are found by prompt: rows with the same question (and reference) are one group, as the
+trainer's G completions of a prompt are. Per call the reward reports `requests`, `cache_hits`,
+`backend_failures`, `parse_failures`, `judge_tokens` (prompt + generated tokens, where known),
+`seconds` and `unordered_groups` (the fraction of groups, among those with different completions,
+whose completions all got one score). A call that orders no group says so in its reason, and
+`max_unordered_steps` such calls in a row stop the run with MlxRftError: that judge teaches
+nothing. Identical judge prompts are asked once: a cache keyed by (judge, messages) keeps the
+replies in memory and, optionally, in a JSONL file.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import os
-import random
 import re
-import threading
-import urllib.error
-import urllib.request
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from http.client import HTTPException
-from typing import Any, Protocol
+from typing import Any
 
 from ..errors import MlxRftError
+from . import judge_pairwise as pairwise
 from .base import RewardOutput
+from .judge_backends import JudgeBackend, MLXJudge, OpenAIJudge, OptionReply
 from .judge_cache import JudgeCache, Messages
+from .judge_scoring import expected_score, option_mass, scale_points
 from .rubric import Rubric
+
+__all__ = ["JudgeBackend", "MLXJudge", "OpenAIJudge", "make_judge_reward", "judge_from_spec", "plain_question"]
 
 log = logging.getLogger(__name__)
 
+METHODS = ("probs", "text", "pairwise")
+MAX_UNORDERED_STEPS = 3
+OPPONENTS = 4
+TIE_TOL = 1e-6  # scores closer than this (on [0, 1]) count as equal
 
-class JudgeBackend(Protocol):
-    cache_key: str
-
-    async def complete(self, messages_batch: Sequence[Messages]) -> list[str | None]: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# OpenAI-compatible HTTP endpoint
-
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-class OpenAIJudge:
-    """A judge behind an OpenAI-compatible chat endpoint.
-
-    base_url: up to the API version, e.g. "http://127.0.0.1:8080/v1" (requests go to
-        base_url + "/chat/completions").
-    api_key_env: NAME of the environment variable holding the API key (None: no key sent).
-    max_concurrency: requests in flight at once; timeout: seconds per request (connect and each
-        read); max_retries: extra attempts after a retryable failure, waiting backoff * 2^k
-        seconds (with jitter, at most max_backoff; a 429's Retry-After is honoured up to that cap).
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        *,
-        api_key_env: str | None = None,
-        max_concurrency: int = 8,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        backoff: float = 0.5,
-        max_backoff: float = 8.0,
-        temperature: float = 0.0,
-        max_tokens: int = 256,
-        extra_body: dict[str, Any] | None = None,
-    ):
-        if not re.match(r"^https?://", base_url):
-            raise MlxRftError(f"judge base_url {base_url!r} must start with http:// or https://")
-        if max_concurrency < 1 or timeout <= 0 or max_retries < 0:
-            raise MlxRftError("judge max_concurrency >= 1, timeout > 0 and max_retries >= 0 are required")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.api_key_env = api_key_env
-        self.max_concurrency = max_concurrency
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.extra_body = dict(extra_body or {})
-        self.cache_key = f"openai|{self.url}|{model}|t={temperature}|max={max_tokens}|{sorted(self.extra_body.items())}"
-        self.stats = {"requests": 0, "retries": 0, "failures": 0, "bad_responses": 0}
-        self.last_error: str | None = None  # the newest failure, for the unscored-rows message
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:  # never shows the key
-        return f"OpenAIJudge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key_env:
-            key = os.environ.get(self.api_key_env)
-            if not key:
-                raise MlxRftError(
-                    f"the judge API key variable ${self.api_key_env} is not set; export it, or set "
-                    "api_key_env to the variable that holds the key (None for no key)"
-                )
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
-        """One HTTP POST (runs on a pool thread): (status, body, headers)."""
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return resp.status, resp.read(), dict(resp.headers)
-        except urllib.error.HTTPError as e:
-            try:
-                data = e.read()
-            except Exception:
-                data = b""
-            return e.code, data, dict(e.headers or {})
-
-    async def complete(self, messages_batch: Sequence[Messages]) -> list[str | None]:
-        if not messages_batch:
-            return []
-        headers = self._headers()
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="mlx-rft-judge")
-        sem = asyncio.Semaphore(self.max_concurrency)
-        answers = list(await asyncio.gather(*(self._one(m, headers, sem) for m in messages_batch)))
-        failed = sum(a is None for a in answers)
-        if failed:  # one line per batch, so the console shows an unreachable judge at once
-            log.warning("judge: %d of %d requests failed (%s)", failed, len(answers), self.last_error)
-        return answers
-
-    async def _one(self, messages: Messages, headers: dict[str, str], sem: asyncio.Semaphore) -> str | None:
-        payload = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            **self.extra_body,
-        }
-        body = json.dumps(payload).encode()
-        loop = asyncio.get_running_loop()
-        for attempt in range(self.max_retries + 1):
-            wait = None
-            async with sem:
-                self.stats["requests"] += 1
-                try:
-                    status, data, resp_headers = await asyncio.wait_for(
-                        loop.run_in_executor(self._pool, self._post, body, headers), self.timeout * 2 + 5
-                    )
-                except (urllib.error.URLError, HTTPException, OSError, asyncio.TimeoutError) as e:
-                    # Connection refused/reset, DNS, socket timeout (TimeoutError is an OSError).
-                    log.debug("judge request failed (attempt %d): %s", attempt + 1, e)
-                    self.last_error = f"{self.url}: {type(e).__name__}: {e}"
-                    status, data, resp_headers = None, b"", {}
-            if status == 200:
-                text = _content(data)
-                if text is None:
-                    self.stats["bad_responses"] += 1
-                    log.warning("judge endpoint %s returned an unreadable body: %r", self.url, data[:200])
-                return text
-            if status in (401, 403):
-                raise MlxRftError(
-                    f"judge endpoint {self.url} refused the request (HTTP {status}); check the API key "
-                    f"in ${self.api_key_env}" if self.api_key_env else
-                    f"judge endpoint {self.url} refused the request (HTTP {status}); it needs an API "
-                    "key: set api_key_env to the name of the variable that holds it"
-                )
-            if status == 404:
-                raise MlxRftError(
-                    f"judge endpoint {self.url} returned 404 for model {self.model!r}; check that "
-                    "base_url ends with the API version (e.g. /v1) and that the model name is served"
-                )
-            if status is not None and status not in _RETRY_STATUS and status < 500:
-                # 400/413/422...: this prompt will not work however often we ask.
-                log.warning("judge endpoint %s rejected a request (HTTP %s): %r", self.url, status, data[:200])
-                self.last_error = f"{self.url} answered HTTP {status}"
-                self.stats["failures"] += 1
-                return None
-            if attempt < self.max_retries:
-                self.stats["retries"] += 1
-                wait = min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + random.random() / 2)
-                retry_after = _retry_after(resp_headers)
-                if retry_after is not None:
-                    wait = min(self.max_backoff, max(wait, retry_after))
-                await asyncio.sleep(wait)
-        self.stats["failures"] += 1
-        if status is not None:
-            self.last_error = f"{self.url} answered HTTP {status}"
-        return None
-
-
-def _retry_after(headers: dict[str, str]) -> float | None:
-    for k, v in headers.items():
-        if k.lower() == "retry-after":
-            try:
-                return max(0.0, float(v))
-            except ValueError:
-                return None
-    return None
-
-
-def _content(data: bytes) -> str | None:
-    """choices[0].message.content of a chat-completions body, or None if it is not one."""
-    try:
-        obj = json.loads(data)
-        content = obj["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-    return content if isinstance(content, str) else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Local MLX model
-
-
-class MLXJudge:
-    """A local MLX model as judge: prompts rendered with its chat template, batched generation.
-
-    model, tokenizer: as returned by `mlx_rft.models.load_model` (or mlx-lm's load). Pass the
-        policy itself to judge with the base model: `disable_adapters=True` (default) zeroes every
-        LoRA scale while judging, so the judge is the frozen base model, not the moving policy.
-    chat_template_kwargs: extra template variables, e.g. {"enable_thinking": False} for Qwen3.
-    """
-
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        name: str = "mlx-judge",
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        batch_size: int = 16,
-        disable_adapters: bool = True,
-        chat_template_kwargs: dict[str, Any] | None = None,
-        seed: int = 0,
-    ):
-        self.model, self.tokenizer = model, tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.batch_size = max(1, batch_size)
-        self.disable_adapters = disable_adapters
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.seed = seed
-        self.cache_key = f"mlx|{name}|t={temperature}|max={max_new_tokens}|{sorted(self.chat_template_kwargs.items())}"
-        self.stats = {"requests": 0}
-
-    @classmethod
-    def from_path(cls, path: str | os.PathLike | None, *, dtype: str | None = None, **kwargs) -> MLXJudge:
-        """Load a judge model folder (None: the default model)."""
-        from ..models import load_model
-
-        model, tokenizer = load_model(path, dtype=dtype)
-        kwargs.setdefault("name", str(path or "default"))
-        return cls(model, tokenizer, **kwargs)
-
-    async def complete(self, messages_batch: Sequence[Messages]) -> list[str | None]:
-        # Runs on the event loop's thread: MLX evaluation stays on the thread that owns the model;
-        # other rewards' HTTP and sandbox threads keep running meanwhile.
-        texts: list[str | None] = []
-        for start in range(0, len(messages_batch), self.batch_size):
-            texts.extend(self.generate(messages_batch[start : start + self.batch_size]))
-            await asyncio.sleep(0)
-        return texts
-
-    def generate(self, messages_batch: Sequence[Messages]) -> list[str]:
-        prompt_ids = [self._encode(m) for m in messages_batch]
-        self.stats["requests"] += len(prompt_ids)
-        if self.disable_adapters:
-            from ..policy.adapters import adapters_disabled
-
-            with adapters_disabled(self.model):
-                return self._generate(prompt_ids)
-        return self._generate(prompt_ids)
-
-    def _encode(self, messages: Messages) -> list[int]:
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **self.chat_template_kwargs)
-        except Exception:
-            if not messages or messages[0]["role"] != "system":
-                raise
-            # Some templates (e.g. Gemma's) reject a system role: fold it into the first user turn.
-            first = {"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
-            ids = self.tokenizer.apply_chat_template(
-                [first, *messages[2:]], add_generation_prompt=True, **self.chat_template_kwargs
-            )
-        return list(ids)
-
-    def _generate(self, prompt_ids: list[list[int]]) -> list[str]:
-        from ..rollout import generate_rollouts
-        from ..types import SamplingConfig
-
-        sampling = SamplingConfig(temperature=self.temperature, max_new_tokens=self.max_new_tokens)
-        batch = generate_rollouts(self.model, self.tokenizer, prompt_ids, 1, sampling, seed=self.seed)
-        return list(batch.texts)
-
-
-# ---------------------------------------------------------------------------------------------
-# The reward
 
 _CHAT_MARKUP = [
     # ChatML (Qwen, SmolLM): <|im_start|>role\n...<|im_end|>
@@ -336,38 +74,223 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+class _Asker:
+    """Judge requests through the cache: each distinct (tag, messages) asked once per call."""
+
+    def __init__(self, store: JudgeCache | None, backend_key: str):
+        self.store, self.backend_key = store, backend_key
+        self.requests = self.hits = self.failures = 0
+
+    async def ask(self, messages: list[Messages], fetch, tag: str = "", groups: list | None = None) -> list[str | None]:
+        """Answers (strings) for each chat; fetch(chats, groups) -> answers for the uncached ones."""
+        base = f"{self.backend_key}|{tag}" if tag else self.backend_key  # text keys stay as before
+        keys = [JudgeCache.key(base, m) for m in messages]
+        answers: list[str | None] = [self.store.get(k) if self.store else None for k in keys]
+        self.hits += sum(a is not None for a in answers)
+        todo: dict[str, int] = {}
+        for i, a in enumerate(answers):
+            if a is None and keys[i] not in todo:
+                todo[keys[i]] = i
+        rows = list(todo.values())
+        fresh = []
+        if rows:
+            fresh = await fetch([messages[i] for i in rows], None if groups is None else [groups[i] for i in rows])
+        if len(fresh) != len(rows):
+            raise MlxRftError(f"judge back end returned {len(fresh)} answers for {len(rows)} prompts")
+        self.requests += len(rows)
+        self.failures += sum(a is None for a in fresh)
+        got = dict(zip(todo, fresh))
+        for k, a in got.items():
+            if a is not None and self.store is not None:
+                self.store.put(k, a)
+        return [a if a is not None else got.get(k) for a, k in zip(answers, keys)]
+
+
+def _group_ids(keys: Sequence) -> list[int]:
+    """Rows with equal keys get one id (first-seen order): the groups of a GRPO step."""
+    ids: dict[Any, int] = {}
+    return [ids.setdefault(k, len(ids)) for k in keys]
+
+
+def order_check(
+    groups: Sequence[int], completions: Sequence[str], scores: Sequence[float | None]
+) -> tuple[int, int, str]:
+    """(groups with >= 2 different scored completions, those whose scores are all equal, what
+    the unordered ones scored, in words)."""
+    by_group: dict[int, list[tuple[str, float]]] = {}
+    for g, c, s in zip(groups, completions, scores):
+        if s is not None:
+            by_group.setdefault(g, []).append((c, s))
+    eligible = unordered = 0
+    seen: list[float] = []
+    for rows in by_group.values():
+        if len({c for c, _ in rows}) < 2:
+            continue  # identical completions: nothing for any judge to order
+        eligible += 1
+        values = [s for _, s in rows]
+        if max(values) - min(values) <= TIE_TOL:
+            unordered += 1
+            seen.extend(values)
+    if not seen:
+        return eligible, unordered, ""
+    distinct = sorted({round(v, 4) for v in seen})
+    if len(distinct) == 1:
+        return eligible, unordered, f"all {len(seen)} completions scored {distinct[0]:g}"
+    shown = ", ".join(f"{v:g}" for v in distinct[:5]) + (", ..." if len(distinct) > 5 else "")
+    return eligible, unordered, f"each group's completions got one score ({shown}; {len(seen)} completions)"
+
+
+def _fetch_options(backend, choices: list[str]):
+    """A fetch for _Asker.ask: option log-probs, serialised for the cache."""
+    async def fetch(chats, groups):
+        replies = await backend.option_logprobs(chats, choices, groups)
+        return [None if r is None else r.to_json() for r in replies]
+
+    return fetch
+
+
+def _reply(blob: str | None) -> OptionReply | None:
+    return None if blob is None else OptionReply.from_json(blob)
+
+
+async def _text_verdicts(rubric: Rubric, backend, asker: _Asker, questions, refs, completions, groups):
+    """Per-criterion JSON scores, parsed: (scores, details, metrics, reply texts)."""
+    messages = [rubric.messages(q, c, r) for q, c, r in zip(questions, completions, refs)]
+    texts = await asker.ask(messages, lambda chats, _: backend.complete(chats))
+    scores, details, parse_failures = [], {c.name: [] for c in rubric.criteria}, 0
+    for t in texts:
+        parsed = rubric.parse(t)
+        parse_failures += parsed is None and t is not None
+        scores.append(None if parsed is None else parsed.score)
+        for c in rubric.criteria:
+            details[c.name].append(None if parsed is None else parsed.normalized[c.name])
+    return scores, details, {"parse_failures": float(parse_failures)}, texts
+
+
+async def _probs_verdicts(rubric: Rubric, backend, asker: _Asker, questions, refs, completions, groups):
+    """Expected overall scores from the score tokens' probabilities (the reply text, parsed, for
+    a server that returned no log-probs)."""
+    points = scale_points(rubric.scale_min, rubric.scale_max)
+    messages = [rubric.score_messages(q, c, r) for q, c, r in zip(questions, completions, refs)]
+    fetch = _fetch_options(backend, [str(v) for v in points])
+    replies = [_reply(b) for b in await asker.ask(messages, fetch, "probs", groups)]
+    scores, masses, fallbacks, parse_failures = [], [], 0, 0
+    for reply in replies:
+        value = expected_score(reply.logprobs, points) if reply and reply.logprobs else None
+        score = None if value is None else rubric.normalize(value)
+        if score is None and reply is not None and reply.text:
+            parsed = rubric.parse(reply.text)
+            score = None if parsed is None else parsed.score
+            fallbacks += parsed is not None
+        parse_failures += score is None and reply is not None
+        scores.append(score)
+        masses.append(option_mass(reply.logprobs) if reply else None)
+    metrics = {"parse_failures": float(parse_failures), "text_fallbacks": float(fallbacks)}
+    return scores, {"score_mass": masses}, metrics, [r.text if r else None for r in replies]
+
+
+async def _pairwise_verdicts(
+    rubric: Rubric, backend, asker: _Asker, questions, refs, completions, groups, opponents: int
+):
+    """Bradley-Terry rewards per group from debiased pair comparisons (judge_pairwise.py)."""
+    plan = []  # per group: (its rows, its distinct completions, row -> distinct index, pairs)
+    chats, chat_groups = [], []
+    for g in dict.fromkeys(groups):
+        rows = [i for i, h in enumerate(groups) if h == g]
+        texts, index = pairwise.distinct([completions[i] for i in rows])
+        q, r = questions[rows[0]], refs[rows[0]]
+        pairs = pairwise.pair_schedule(len(texts), opponents, "\0".join([q, r or "", *texts]))
+        plan.append((rows, texts, index, pairs))
+        for i, j in pairs:
+            for a, b in ((i, j), (j, i)):  # both orders: the debiasing needs them
+                chats.append(pairwise.pair_messages(rubric, q, texts[a], texts[b], r))
+                chat_groups.append(g)
+    fetch = _fetch_options(backend, list(pairwise.CHOICES))
+    replies = [_reply(b) for b in await asker.ask(chats, fetch, "pairwise", chat_groups)]
+    p_first, fallbacks, parse_failures = [], 0, 0
+    for reply in replies:
+        p = pairwise.choice_probability(reply.logprobs) if reply and reply.logprobs else None
+        if p is None and reply is not None and reply.text:
+            p = pairwise.parse_choice(reply.text)
+            fallbacks += p is not None
+        parse_failures += p is None and reply is not None
+        p_first.append(p)
+    scores: list[float | None] = [None] * len(completions)
+    k = compared = 0
+    for rows, texts, index, pairs in plan:
+        prefs = {}
+        for pair in pairs:
+            pref = pairwise.pair_preference(p_first[k], p_first[k + 1])
+            k += 2
+            if pref is not None:
+                prefs[pair] = pref
+        compared += len(prefs)
+        rewards = pairwise.pairwise_rewards(len(texts), prefs)
+        for row, idx in zip(rows, index):
+            scores[row] = rewards[idx]
+    metrics = {"parse_failures": float(parse_failures), "text_fallbacks": float(fallbacks), "pairs": float(compared)}
+    return scores, {}, metrics, [r.text if r else None for r in replies]
+
+
 def make_judge_reward(
     rubric: Rubric | str | os.PathLike,
     backend: JudgeBackend,
     *,
+    method: str = "probs",
     name: str = "judge",
     question_column: str | None = None,
     reference_column: str | None = None,
     cache: bool = True,
     cache_path: str | os.PathLike | None = None,
+    max_unordered_steps: int = MAX_UNORDERED_STEPS,
+    opponents: int = OPPONENTS,
 ) -> Callable:
-    """An async reward: the judge's rubric score in [0, 1] (None when unanswered or unparseable).
+    """An async reward: the judge's verdict in [0, 1] (None when unanswered or unreadable).
 
     rubric: a Rubric or a YAML path. backend: MLXJudge, OpenAIJudge, or anything with
-        `async complete(messages_batch)` and `cache_key`.
+        `async complete(messages_batch)` and `cache_key` (plus `option_logprobs` for "probs" and
+        "pairwise").
+    method: "probs", "text" or "pairwise" (module docstring).
     question_column: a column holding the raw question (text or chat messages); by default the
         judge sees the last user message of the chat-templated prompt.
     reference_column: a column with reference answers to show the judge (default: the rubric's).
-    The function returns a RewardOutput: per-criterion scores as details, counters as metrics;
-    they are also kept on `.last_details` / `.last_metrics`. It is marked `is_judge` so the
-    RewardSet reports judge/mean and judge/std (the health monitor watches judge/std).
+    max_unordered_steps: stop (MlxRftError) after this many calls in a row in which the judge
+        gave every group's completions one score (0 = never stop).
+    opponents: pairwise only: completions each completion is compared with (0 = all).
+    The function returns a RewardOutput: sub-scores as details, counters as metrics; they are
+    also kept on `.last_details` / `.last_metrics`. It is marked `is_judge` so the RewardSet
+    reports judge/mean and judge/std. `.score(prompts, completions, **columns)` scores without
+    the unordered-steps stop (for calibration).
     """
     if not isinstance(rubric, Rubric):
         from .rubric import load_rubric
 
         rubric = load_rubric(rubric)
+    if method not in METHODS:
+        raise MlxRftError(f"judge method {method!r} is unknown; use one of {', '.join(METHODS)}")
     if not callable(getattr(backend, "complete", None)):
         raise MlxRftError(f"judge backend {backend!r} has no complete(messages_batch) method")
+    if method != "text" and not callable(getattr(backend, "option_logprobs", None)):
+        raise MlxRftError(
+            f"judge backend {backend!r} has no option_logprobs(...), which method={method!r} needs; "
+            "use method='text' or give the back end that method"
+        )
+    if not (isinstance(max_unordered_steps, int) and max_unordered_steps >= 0):
+        raise MlxRftError(f"max_unordered_steps={max_unordered_steps!r} must be an integer >= 0 (0 = never stop)")
+    if method == "probs":
+        scale_points(rubric.scale_min, rubric.scale_max)  # an unreadable scale fails here, not mid-run
     reference_column = reference_column or rubric.reference_column
     store = JudgeCache(cache_path) if cache else None
     backend_key = getattr(backend, "cache_key", type(backend).__name__)
+    where = rubric.source or f"rubric {rubric.name!r}"
+    state = {"streak": 0}
 
-    async def judge(prompts: list[str], completions: list[str], **columns) -> RewardOutput:
+    def backend_stats() -> dict:
+        return getattr(backend, "stats", None) or {}
+
+    async def scored(prompts: list[str], completions: list[str], **columns) -> tuple[RewardOutput, tuple]:
+        t0 = time.perf_counter()
+        tokens0 = backend_stats().get("tokens", 0)
         n = len(completions)
         if question_column is not None and question_column not in columns:
             raise MlxRftError(f"judge {name!r}: question_column {question_column!r} is not in the dataset")
@@ -376,68 +299,75 @@ def make_judge_reward(
                 f"judge {name!r}: the rubric shows the judge the column {reference_column!r}, which "
                 "the dataset lacks; add it or remove reference_column from the rubric"
             )
-        messages = []
-        for i in range(n):
-            question = _as_text(columns[question_column][i]) if question_column else plain_question(prompts[i])
-            ref = columns[reference_column][i] if reference_column else None
-            messages.append(rubric.messages(question, completions[i], None if ref is None else _as_text(ref)))
-        keys = [JudgeCache.key(backend_key, m) for m in messages]
-        texts: list[str | None] = [store.get(k) if store else None for k in keys]
-        hits = sum(t is not None for t in texts)
-        # Ask once per distinct prompt (GRPO groups often hold identical completions).
-        todo: dict[str, int] = {}
-        for i, t in enumerate(texts):
-            if t is None and keys[i] not in todo:
-                todo[keys[i]] = i
-        answers = await backend.complete([messages[i] for i in todo.values()]) if todo else []
-        if len(answers) != len(todo):
-            raise MlxRftError(
-                f"judge backend {backend!r} returned {len(answers)} answers for {len(todo)} prompts"
+        if question_column:
+            questions = [_as_text(q) for q in columns[question_column]]
+        else:
+            questions = [plain_question(p) for p in prompts]
+        refs = [None] * n
+        if reference_column:
+            refs = [None if ref is None else _as_text(ref) for ref in columns[reference_column]]
+        groups = _group_ids(list(zip(questions, refs)))
+        asker = _Asker(store, backend_key)
+        if method == "pairwise":
+            verdicts = _pairwise_verdicts(rubric, backend, asker, questions, refs, completions, groups, opponents)
+        else:
+            verdicts = (_probs_verdicts if method == "probs" else _text_verdicts)(
+                rubric, backend, asker, questions, refs, completions, groups
             )
-        fresh = dict(zip(todo, answers))
-        backend_failures = sum(a is None for a in answers)
-        for k, a in fresh.items():
-            if a is not None and store is not None:
-                store.put(k, a)
-        for i in range(n):
-            if texts[i] is None:
-                texts[i] = fresh.get(keys[i])
-        scores: list[float | None] = []
-        details: dict[str, list[float | None]] = {c.name: [] for c in rubric.criteria}
-        parse_failures = 0
-        for t in texts:
-            parsed = rubric.parse(t)
-            if parsed is None:
-                parse_failures += t is not None
-                scores.append(None)
-                for c in rubric.criteria:
-                    details[c.name].append(None)
-            else:
-                scores.append(parsed.score)
-                for c in rubric.criteria:
-                    details[c.name].append(parsed.normalized[c.name])
+        scores, details, extra, judge.last_texts = await verdicts
+        check = order_check(groups, completions, scores)
+        eligible, unordered, seen = check
         metrics = {
-            "requests": float(len(todo)),
-            "cache_hits": float(hits),
-            "backend_failures": float(backend_failures),
-            "parse_failures": float(parse_failures),
+            "requests": float(asker.requests),
+            "cache_hits": float(asker.hits),
+            "backend_failures": float(asker.failures),
+            **extra,
+            "unordered_groups": unordered / eligible if eligible else 0.0,
+            "judge_tokens": float(backend_stats().get("tokens", 0) - tokens0),
+            "seconds": time.perf_counter() - t0,
         }
-        judge.last_texts = texts
-        judge.last_details = details
-        judge.last_metrics = metrics
+        judge.last_details, judge.last_metrics = details, metrics
         reason = None
-        if backend_failures:
+        if asker.failures:
             last = getattr(backend, "last_error", None)
-            reason = f"{backend_failures} of {len(todo)} judge requests failed" + (f" ({last})" if last else "")
-        elif parse_failures:
-            reason = f"{parse_failures} judge replies could not be parsed as rubric scores"
-        return RewardOutput(scores=scores, details=details, metrics=metrics, reason=reason)
+            reason = f"{asker.failures} of {asker.requests} judge requests failed" + (f" ({last})" if last else "")
+        elif extra.get("parse_failures"):
+            reason = f"{extra['parse_failures']:.0f} judge replies could not be read as {method} verdicts"
+        elif eligible and unordered == eligible:
+            reason = f"the judge ordered none of the {eligible} groups: {seen}"
+        return RewardOutput(scores=scores, details=details, metrics=metrics, reason=reason), check
+
+    async def score(prompts: list[str], completions: list[str], **columns) -> RewardOutput:
+        return (await scored(prompts, completions, **columns))[0]
+
+    async def judge(prompts: list[str], completions: list[str], **columns) -> RewardOutput:
+        out, (eligible, unordered, seen) = await scored(prompts, completions, **columns)
+        if not eligible:
+            return out  # nothing a judge could order (one completion per prompt, or none scored)
+        if unordered < eligible:
+            state["streak"] = 0
+            return out
+        state["streak"] += 1
+        log.warning("judge %r ordered none of the %d groups: %s", name, eligible, seen)
+        if max_unordered_steps and state["streak"] >= max_unordered_steps:
+            others = " or ".join(f"method={m!r}" for m in ("probs", "pairwise") if m != method)
+            raise MlxRftError(
+                f"judge {name!r} ({backend!r}, {where}, method={method!r}) could not order the "
+                f"completions of any group for {state['streak']} calls in a row: {seen}; rewards "
+                f"that are equal within every group teach nothing. Use {others}, a bigger judge "
+                "model, or a clearer rubric (check it with `mlx-rft judge-check`; "
+                "max_unordered_steps=0 never stops)"
+            )
+        return out
 
     judge.__name__ = judge.__qualname__ = name
     judge.is_judge = True
     judge.rubric = rubric
     judge.backend = backend
+    judge.method = method
+    judge.question_column = question_column
     judge.cache = store
+    judge.score = score
     judge.last_texts, judge.last_details, judge.last_metrics = [], {}, {}
     return judge
 
@@ -452,12 +382,16 @@ def judge_from_spec(
     cache_path: str | None = None,
     question_column: str | None = None,
     name: str = "judge",
+    method: str = "probs",
+    max_unordered_steps: int = MAX_UNORDERED_STEPS,
+    opponents: int = OPPONENTS,
     **backend_kwargs,
 ) -> Callable:
     """The `judge(...)` reward spec: a rubric file plus an endpoint (url + model) or a local model
     folder (local_model), e.g.
     `judge(rubric='examples/rubrics/helpfulness.yaml', url='http://127.0.0.1:8080/v1', model='default_model')`.
-    Extra arguments go to the back end (timeout, max_concurrency, max_tokens / max_new_tokens, ...)."""
+    method, max_unordered_steps and opponents go to make_judge_reward; extra arguments go to the
+    back end (timeout, max_concurrency, top_logprobs, max_tokens / max_new_tokens, batch_size, ...)."""
     if (url is None) == (local_model is None):
         raise MlxRftError(
             "judge(...) needs exactly one back end: url='http://HOST:PORT/v1' (with model=...) for an "
@@ -470,4 +404,7 @@ def judge_from_spec(
             backend = MLXJudge.from_path(local_model, **backend_kwargs)
     except TypeError as e:
         raise MlxRftError(f"judge(...): {e}") from None
-    return make_judge_reward(rubric, backend, name=name, question_column=question_column, cache_path=cache_path)
+    return make_judge_reward(
+        rubric, backend, method=method, name=name, question_column=question_column, cache_path=cache_path,
+        max_unordered_steps=max_unordered_steps, opponents=opponents,
+    )

@@ -30,7 +30,8 @@ def resolve_reward(spec: str | Callable) -> Callable:
     - a built-in name (`accuracy`, `format`, `think_format`, `length`, `overlong`, `repetition`,
       `code`), optionally with factory arguments: `accuracy(extract=boxed)`, `overlong(max_length=512)`;
     - `judge(rubric='r.yaml', url='http://127.0.0.1:8080/v1', model='m')` or
-      `judge(rubric='r.yaml', local_model='path/to/model')` (an LLM judge, see judge.py);
+      `judge(rubric='r.yaml', local_model='path/to/model')` (an LLM judge, see judge.py), with
+      `method='probs'` (default), `'text'` or `'pairwise'`;
     - `package.module:function` (importable), or `path/to/file.py:function`.
     Unknown names raise MlxRftError listing the built-ins.
     """

@@ -13,13 +13,22 @@ A rubric file:
       - prompt: What is 2 + 2?
         completion: "4"
         scores: {correctness: 10, clarity: 9}
+    calibration:                    # optional: clear pairs to check the judge with (judge_calibrate.py)
+      - prompt: What is 2 + 2?
+        better: "4"
+        worse: "5"
+        reference: "4"              # needed when reference_column is set
 
-The judge is asked for a JSON object `{"correctness": N, "clarity": N}`. Parsing is forgiving, in
-order: a JSON object anywhere in the reply (per criterion; `{"scores": {...}}` and
-`{"c": {"score": N}}` too), then "correctness: 7/10"-style lines per criterion, then one overall
-"Score: 7/10" or a lone number applied to every criterion. Anything else is unparseable (None).
-Each criterion is normalised to [0, 1] ("x/y" as x/y, else (x - min) / (max - min); values off
-the scale are rejected) and the criteria are combined by weight.
+With the text method the judge is asked for a JSON object `{"correctness": N, "clarity": N}`.
+Parsing is forgiving, in order: a JSON object anywhere in the reply (per criterion;
+`{"scores": {...}}` and `{"c": {"score": N}}` too), then "correctness: 7/10"-style lines per
+criterion, then one overall "Score: 7/10" or a lone number applied to every criterion. Anything
+else is unparseable (None). Each criterion is normalised to [0, 1] ("x/y" as x/y, else
+(x - min) / (max - min); values off the scale are rejected) and the criteria are combined by
+weight.
+
+With the probability method (`score_messages`) the judge is asked for one overall integer on
+the scale, weighing the criteria itself; the few-shot answers are the examples' weighted scores.
 """
 
 from __future__ import annotations
@@ -51,6 +60,16 @@ class RubricExample:
 
 
 @dataclass
+class CalibrationPair:
+    """Two responses to one prompt where any useful judge must prefer `better`."""
+
+    prompt: str
+    better: str
+    worse: str
+    reference: str | None = None
+
+
+@dataclass
 class JudgeScores:
     """One parsed judge reply.
 
@@ -73,6 +92,8 @@ class Rubric:
     instructions: str = "You are an impartial judge of an AI assistant's response to a user."
     examples: list[RubricExample] = field(default_factory=list)
     reference_column: str | None = None
+    calibration: list[CalibrationPair] = field(default_factory=list)
+    source: str | None = None  # the file it came from, for messages
 
     def __post_init__(self):
         if not self.criteria:
@@ -99,18 +120,26 @@ class Rubric:
             missing = [c.name for c in self.criteria if c.name not in ex.scores]
             if missing:
                 raise MlxRftError(f"rubric {self.name!r}: a few-shot example lacks scores for {missing}")
+        if self.reference_column and any(p.reference is None for p in self.calibration):
+            raise MlxRftError(
+                f"rubric {self.name!r} shows the judge a reference answer, so every calibration pair "
+                "needs a 'reference'"
+            )
 
     # -- construction ------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "rubric") -> Rubric:
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> Rubric:
+        """A Rubric from a parsed YAML mapping; `source` (the file) names it in error messages."""
+        path, source = source, source or "rubric"
         if not isinstance(data, dict):
             raise MlxRftError(f"{source}: a rubric must be a mapping with name, criteria and scale")
-        unknown = set(data) - {"name", "criteria", "scale", "instructions", "examples", "reference_column"}
+        fields = {"name", "criteria", "scale", "instructions", "examples", "reference_column", "calibration"}
+        unknown = set(data) - fields
         if unknown:
             raise MlxRftError(
                 f"{source}: unknown rubric field(s) {sorted(unknown)}; allowed: name, criteria, scale, "
-                "instructions, examples, reference_column"
+                "instructions, examples, reference_column, calibration"
             )
         criteria = []
         for i, c in enumerate(data.get("criteria") or []):
@@ -142,6 +171,16 @@ class Rubric:
                     None if ex.get("reference") is None else str(ex["reference"]),
                 )
             )
+        calibration = []
+        for i, pair in enumerate(data.get("calibration") or []):
+            if not isinstance(pair, dict) or not {"prompt", "better", "worse"} <= set(pair):
+                raise MlxRftError(f"{source}: calibration[{i}] needs prompt, better and worse")
+            ref = pair.get("reference")
+            calibration.append(
+                CalibrationPair(
+                    str(pair["prompt"]), str(pair["better"]), str(pair["worse"]), None if ref is None else str(ref)
+                )
+            )
         try:
             lo, hi = float(scale.get("min", 1)), float(scale.get("max", 10))
         except (TypeError, ValueError):
@@ -156,6 +195,8 @@ class Rubric:
             scale_max=hi,
             examples=examples,
             reference_column=data.get("reference_column"),
+            calibration=calibration,
+            source=path,
             **kwargs,
         )
 
@@ -191,6 +232,30 @@ class Rubric:
             msgs.append({"role": "user", "content": self.user_prompt(ex.prompt, ex.completion, ex.reference)})
             scores = {c.name: _plain_number(ex.scores[c.name]) for c in self.criteria}
             msgs.append({"role": "assistant", "content": json.dumps(scores)})
+        msgs.append({"role": "user", "content": self.user_prompt(prompt, completion, reference)})
+        return msgs
+
+    def overall_score(self, scores: dict[str, float]) -> int:
+        """A few-shot example's per-criterion scores as one integer on the scale (by weight)."""
+        norm = {c.name: self.normalize(scores[c.name]) or 0.0 for c in self.criteria}
+        return round(self.scale_min + self.combine(norm) * (self.scale_max - self.scale_min))
+
+    def score_system_prompt(self) -> str:
+        lo, hi = self._fmt(self.scale_min), self._fmt(self.scale_max)
+        weighted = len({c.weight for c in self.criteria}) > 1
+        head = "Weigh these criteria" + (" (weights in brackets):" if weighted else ":")
+        lines = [self.instructions.strip(), "", head]
+        for c in self.criteria:
+            lines.append(f"- {c.name}: {c.description.strip()}" + (f" [{c.weight:g}]" if weighted else ""))
+        lines += ["", f"Reply with only one integer from {lo} (worst) to {hi} (best): your overall score."]
+        return "\n".join(lines)
+
+    def score_messages(self, prompt: str, completion: str, reference: str | None = None) -> list[dict[str, str]]:
+        """The judge's chat for one overall score: the reply's first token is the number."""
+        msgs = [{"role": "system", "content": self.score_system_prompt()}]
+        for ex in self.examples:
+            msgs.append({"role": "user", "content": self.user_prompt(ex.prompt, ex.completion, ex.reference)})
+            msgs.append({"role": "assistant", "content": str(self.overall_score(ex.scores))})
         msgs.append({"role": "user", "content": self.user_prompt(prompt, completion, reference)})
         return msgs
 
