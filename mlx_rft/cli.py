@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -36,7 +37,20 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def _fix_hash_seed() -> None:
+    """Run the command with a fixed string-hash seed (re-exec, before anything is imported).
+
+    Some task generators (reasoning-gym's) iterate over sets of strings, whose order follows the
+    per-process hash seed; with it fixed, a task gives the same rows in every run, so a resumed
+    run trains on the data it started on."""
+    if os.environ.get("PYTHONHASHSEED") is None:
+        os.environ["PYTHONHASHSEED"] = "0"
+        os.execv(sys.executable, [sys.executable, "-m", "mlx_rft", *sys.argv[1:]])
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:  # the command line (not a call from Python, whose process is the caller's)
+        _fix_hash_seed()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

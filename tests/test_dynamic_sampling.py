@@ -162,10 +162,13 @@ def test_a_run_with_nothing_to_learn_ends_early_with_a_clear_reason(tiny_qwen3, 
     res = GRPOTrainer(cfg, reward_funcs=[constant], train_dataset=ROWS).train()
     assert res.steps == 3 and res.exit_code == 3 and not res.interrupted
     assert "steps 1-3" in res.stop_reason and "same reward" in res.stop_reason
-    assert "--epsilon-high" in res.stop_reason and "max_uninformative_steps 0" in res.stop_reason
+    assert "--learning-rate" in res.stop_reason and "max_uninformative_steps 0" in res.stop_reason
     # Nothing is lost: a checkpoint at the last step, the after-training eval and the report.
     assert (tmp_path / "checkpoints" / "step-0000003").is_dir()
     assert "eval/accuracy" in res.eval_after and (tmp_path / "report.html").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["stop_reason"] == res.stop_reason
+    assert "ended early" in (tmp_path / "report.html").read_text()
     # 0 turns the stop off; an informative step resets the count (a varying reward never stops).
     cfg = make_cfg(tiny_qwen3, tmp_path / "off", num_steps=4, max_uninformative_steps=0, eval_size=4)
     assert GRPOTrainer(cfg, reward_funcs=[constant], train_dataset=ROWS).train().steps == 4

@@ -126,6 +126,50 @@ def test_resume_refuses_other_settings_and_writes_nothing(tiny_qwen3, tmp_path, 
     assert snapshot(tmp_path) == before
 
 
+def test_resume_refuses_other_training_rows_and_writes_nothing(tiny_qwen3, tmp_path):
+    """Same config, other prompts (an edited file, or a task generated differently): refused."""
+    train(tiny_qwen3, tmp_path, num_steps=1)
+    before = snapshot(tmp_path)
+    other = [{**r, "prompt": r["prompt"].replace("say", "write")} for r in ROWS]
+    with pytest.raises(MlxRftError, match="training prompts differ.*PYTHONHASHSEED"):
+        train(tiny_qwen3, tmp_path, num_steps=2, resume="latest", rows=other)
+    assert snapshot(tmp_path) == before
+    assert train(tiny_qwen3, tmp_path, num_steps=2, resume="latest").steps == 2  # the same rows resume
+
+
+def test_the_command_line_runs_with_a_fixed_hash_seed(monkeypatch):
+    """Some reasoning-gym generators follow the string-hash order: the CLI pins the seed (one
+    re-exec) so a task gives the same rows in every run; a call from Python changes nothing."""
+    from mlx_rft import cli as cli_module
+
+    calls = []
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.setattr(cli_module.os, "execv", lambda exe, args: calls.append((exe, args)))
+    monkeypatch.setattr(sys, "argv", ["mlx-rft", "--version"])
+    cli_module.main()
+    assert calls == [(sys.executable, [sys.executable, "-m", "mlx_rft", "--version"])]
+    assert os.environ["PYTHONHASHSEED"] == "0"
+    calls.clear()
+    cli_module.main(["--version"])  # from Python: no re-exec
+    monkeypatch.setenv("PYTHONHASHSEED", "7")
+    cli_module.main()  # a seed the user chose is kept
+    assert calls == [] and os.environ["PYTHONHASHSEED"] == "7"
+
+
+def test_a_hash_seeded_task_is_what_the_data_check_guards():
+    """reasoning-gym's isomorphic_strings draws letters from a set: processes with other hash
+    seeds get other rows (so the CLI pins the seed and resume compares the rows)."""
+    code = ("import hashlib; from mlx_rft.data.tasks import load_task; "
+            "rows = load_task('isomorphic', size=50, seed=0, eval_size=4).rows; "
+            "print(hashlib.md5(str([r['question'] for r in rows]).encode()).hexdigest())")
+    digests = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        for seed in ("1", "2", "1")
+    ]
+    assert digests[0] and digests[0] == digests[2] and digests[0] != digests[1], digests
+
+
 def test_resume_refuses_another_model_of_the_same_shapes(tiny_model_factory, tmp_path):
     a, b = tiny_model_factory("qwen3", seed=0), tiny_model_factory("qwen3", seed=5)
     train(a, tmp_path, num_steps=1)

@@ -239,6 +239,16 @@ PRESETS: dict[str, TaskPreset] = {
         ),
         description="a + b or a - b with one- or two-digit numbers; two worked examples in the prompt",
     ),
+    # A two-answer task (True/False, about half each): a constant answer already scores about
+    # half, so only a score above eval/constant_baseline is learning. The untrained model is right
+    # on 44% of sampled completions (69% greedy) and 88% of 4-sample groups have mixed rewards
+    # (`python bench/base_rate.py --only isomorphic2_fewshot`).
+    "isomorphic": TaskPreset(
+        name="isomorphic",
+        dataset="isomorphic_strings",
+        options=dict(min_string_length=2, max_string_length=2),
+        description="True/False: are two 2-letter strings isomorphic; two solved examples in the prompt",
+    ),
 }
 DEFAULT_TASK = PRESETS["default"]
 

@@ -115,9 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         if ok:
             print("ok: the judge orders the clear pairs")
         else:
+            others = " or ".join(f"method={m!r}" for m in ("probs", "pairwise") if m != judge.method)
             print(
                 f"weak judge (wanted agreement >= {args.min_agreement:g}, ties <= {args.max_ties:g}): "
-                "try method='probs' or method='pairwise', a bigger judge model, or a clearer rubric"
+                f"try {others}, a bigger judge model, or a clearer rubric"
             )
     sys.exit(0 if ok else 1)
 

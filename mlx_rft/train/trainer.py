@@ -14,6 +14,7 @@ spent on them. Seeds are derived from (seed, step), so a resumed run replays the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -362,10 +363,10 @@ class GRPOTrainer:
             f"steps {step - limit + 1}-{step}: in every group all {G} completions got the same "
             f"reward (mean reward {metrics['reward/mean']:.3f}, "
             f"{metrics['completion/distinct_per_group']:.1f} distinct completions per group), so "
-            "nothing was learned. If the samples are identical the policy has collapsed: raise "
-            "--temperature, set --epsilon-high 0.28 or --entropy-coef 0.001, or lower "
-            "--learning-rate; if the task is too hard or too easy, change it or use "
-            "--dynamic-sampling (max_uninformative_steps 0 never stops)"
+            "nothing was learned. If the samples are identical the policy has collapsed: lower "
+            "--learning-rate, add an entropy bonus (--entropy-coef) or raise --temperature; if "
+            "the task is too hard or too easy, change it or use --dynamic-sampling "
+            "(max_uninformative_steps 0 never stops)"
         )
 
     def train_step(self, step: int, sampler: PromptSampler, loss_and_grad) -> tuple[dict, Trajectory]:
@@ -436,6 +437,15 @@ class GRPOTrainer:
         if plan.resume_from is None:
             return RunState(0, sampler)
         state = ckpt.load_checkpoint(plan.resume_from, self.model, self.optimizer)
+        saved = state.get("data_fingerprint")
+        if saved is not None and saved != data_fingerprint(self.train_data):
+            raise MlxRftError(
+                f"the training prompts differ from those {plan.resume_from} was trained on (same "
+                "config, different rows: the data file changed, or the task's generator depends "
+                "on Python's hash seed, as some reasoning-gym tasks do; the mlx-rft command fixes "
+                "it, in Python set PYTHONHASHSEED=0 before starting); resuming would train on "
+                "other data, so use the original data or start a fresh run"
+            )
         sampler.load_state_dict(state["sampler"])
         self._log(f"resumed from {plan.resume_from} at step {state['step']}")
         return RunState(state["step"], sampler, state.get("history", []), state.get("eval_before", {}))
@@ -454,11 +464,12 @@ class GRPOTrainer:
             run_folder.start_run(plan, cfg, run.step)
             reporters = build_reporters(cfg.report_to, run_dir, cfg.to_dict(), append=run.step > 0)
             rollout_log = open(run_dir / "rollouts.jsonl", "a" if run.step else "w")
+            self._log(f"model {self.model_dir.name} ({cfg.finetune_type}): {self.param_counts.describe()}")
             self._log(
-                f"model {self.model_dir.name} ({cfg.finetune_type}): {self.param_counts.describe()}; "
-                f"{len(self.train_data)} train / {len(self.eval_data)} eval prompts; "
+                f"data: {len(self.train_data)} train / {len(self.eval_data)} eval prompts; "
                 f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
                 + (f" over {world.size} processes" if world.size > 1 else "")
+                + ("; dynamic sampling" if cfg.dynamic_sampling else "")
             )
         if main and not run.eval_before:
             run.eval_before = self.evaluate(0)
@@ -494,11 +505,7 @@ class GRPOTrainer:
             return TrainResult(
                 run_dir, step, run.eval_before, {}, run.history, interrupted, exit_code, stop_reason
             )
-        result = self._finish(run_dir, step, run, reporters, interrupted, exit_code)
-        if stop_reason:
-            self._log(f"run ended early at step {step} of {cfg.num_steps}: {stop_reason}")
-            result.stop_reason = stop_reason
-        return result
+        return self._finish(run_dir, step, run, reporters, interrupted, exit_code, stop_reason)
 
     def _report(self, step, metrics, history, reporters, rollout_log, traj: Trajectory) -> None:
         """Rank 0's per-step output: periodic eval, health alarms, reporters, console, samples."""
@@ -520,7 +527,8 @@ class GRPOTrainer:
             rollout_log.writelines(json.dumps(r) + "\n" for r in rollout_records(step, traj))
             rollout_log.flush()
 
-    def _finish(self, run_dir, step, run: RunState, reporters, interrupted, exit_code) -> TrainResult:
+    def _finish(self, run_dir, step, run: RunState, reporters, interrupted, exit_code,
+                stop_reason: str | None = None) -> TrainResult:
         eval_after: dict[str, float] = {}
         if not interrupted:
             eval_after = self.evaluate(step)
@@ -542,23 +550,40 @@ class GRPOTrainer:
             "loss_type": self.cfg.loss_type, **{f"before {k}": v for k, v in run.eval_before.items()},
             **{f"after {k}": v for k, v in eval_after.items()},
         }
+        if stop_reason:
+            summary["ended early"] = f"at step {step} of {self.cfg.num_steps}: {stop_reason}"
         report = write_report(run_dir, run.history, summary)
         if not interrupted:
-            run_folder.write_summary(
-                run_dir, {"steps": step, "eval_before": run.eval_before, "eval_after": eval_after}
-            )
+            run_folder.write_summary(run_dir, {
+                "steps": step, "eval_before": run.eval_before, "eval_after": eval_after,
+                **({"stop_reason": stop_reason} if stop_reason else {}),
+            })
+        if stop_reason:
+            self.console.alarm(f"run ended early at step {step} of {self.cfg.num_steps}: {stop_reason}")
         self._log(f"run folder {run_dir}: checkpoints/, metrics.jsonl, rollouts.jsonl, {report.name}")
-        return TrainResult(run_dir, step, run.eval_before, eval_after, run.history, interrupted, exit_code)
+        return TrainResult(
+            run_dir, step, run.eval_before, eval_after, run.history, interrupted, exit_code, stop_reason
+        )
 
     def _save(self, run_dir: Path, step: int, run: RunState) -> None:
         state = {
             "sampler": run.sampler.state_dict(), "eval_before": run.eval_before,
             "history": run.history, "model_fingerprint": self.fingerprint,
+            "data_fingerprint": data_fingerprint(self.train_data),
         }
         ckpt.save_checkpoint(
             run_dir / "checkpoints", step, self.model, self.optimizer, self.cfg, state,
             adapter_cfg=self.adapter_cfg, base_model_dir=self.model_dir,
         )
+
+
+def data_fingerprint(data: PromptDataset) -> str:
+    """A hash of the training prompts in order (what the sampler's indices point at)."""
+    h = hashlib.sha256()
+    for example in data:
+        h.update(example.prompt.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def _current_lr(optimizer) -> float:
