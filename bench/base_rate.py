@@ -74,6 +74,11 @@ CANDIDATES: dict[str, dict] = {
     "word_reversal_fewshot": dict(name="word_sequence_reversal", min_words=3, max_words=3),
     "word_sorting_fewshot": dict(name="word_sorting", min_words=3, max_words=3, min_word_length=3,
                                  max_word_length=6),
+    # Two-answer tasks (True/False, Yes/No): where a constant answer already scores about half
+    "isomorphic2_fewshot": dict(name="isomorphic_strings", min_string_length=2, max_string_length=2),
+    "isomorphic3_fewshot": dict(name="isomorphic_strings", min_string_length=2, max_string_length=3),
+    "ransom_note_short_fewshot": dict(name="ransom_note", max_note_length=2, max_magazine_length=6),
+    "syllogism_fewshot": dict(name="syllogism"),
 }
 
 
