@@ -11,7 +11,7 @@ import pytest
 from mlx_rft import GRPOTrainer
 from mlx_rft.data import PromptSampler
 from mlx_rft.rewards.base import RewardResult
-from mlx_rft.train.dynamic_sampling import choose_groups, informative_groups
+from mlx_rft.train.dynamic_sampling import choose_groups, informative_groups, local_groups, sampling_metrics
 from mlx_rft.train.step import grpo_loss
 from mlx_rft.types import RolloutBatch
 
@@ -32,6 +32,16 @@ def test_choose_groups_prefers_informative_then_fills_in_draw_order():
     assert choose_groups(np.array([False, True, False, True, True]), 2) == [1, 3]
     assert choose_groups(np.array([False, True, False, False]), 3) == [0, 1, 2]
     assert choose_groups(np.array([False, False]), 2) == [0, 1]
+
+
+def test_local_groups_and_metrics():
+    # 2 ranks, 4 prompts a round: rank 0 drew global 0, 1 (round 0) and 4, 5 (round 1)
+    chosen = [1, 2, 4, 7]
+    assert local_groups(chosen, 4, 2, 0) == [1, 2] and local_groups(chosen, 4, 2, 1) == [0, 3]
+    assert local_groups(chosen, 4, 1, 0) == chosen
+    m = sampling_metrics(np.array([True, False, False, True, True, False, False, False]), 4)
+    assert m == {"sampling/rounds": 2.0, "sampling/prompts": 8.0, "sampling/informative_groups": 3.0,
+                 "sampling/kept_groups": 3.0, "frac_zero_std_groups": 0.625}
 
 
 def test_sampler_take_continues_the_same_order():

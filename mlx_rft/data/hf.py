@@ -1,6 +1,6 @@
 """Hugging Face `datasets` input: in-memory `Dataset` / `DatasetDict`, and `save_to_disk` folders.
 
-Rows leave here as plain dicts (or `RawRow`s with a location), so the row checks in prompts.py
+Rows leave here as plain dicts (with their location, for saved folders), so the row checks in prompts.py
 judge them exactly as they judge JSONL rows. `datasets` is imported only when a saved folder is
 read: an in-memory dataset means the user already imported it, so `sys.modules` is enough to
 recognise one, and startup without such input stays fast. Nothing here downloads from the hub.
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MlxRftError
-from .readers import RawRow
 
 TRAIN_SPLITS = ("train",)
 EVAL_SPLITS = ("test", "validation")
@@ -98,7 +97,7 @@ def saved_splits(path: str | Path) -> list[str]:
         raise MlxRftError(f"{marker} is damaged ({e}); re-save the dataset with save_to_disk") from e
 
 
-def saved_rows(path: Path, splits: Sequence[str] = TRAIN_SPLITS) -> Iterator[RawRow]:
+def saved_rows(path: Path, splits: Sequence[str] = TRAIN_SPLITS) -> Iterator[tuple[str, Any]]:
     """Rows of a `save_to_disk` folder; for a DatasetDict, of the first of `splits` it holds."""
     is_dict = (path / DICT_MARKER).is_file()
     if not is_dict and not all((path / m).is_file() for m in DATASET_MARKERS):
@@ -128,4 +127,4 @@ def saved_rows(path: Path, splits: Sequence[str] = TRAIN_SPLITS) -> Iterator[Raw
         ) from e
     if split is not None:
         data, path = data[split], path / split
-    return (RawRow(f"{path}[{i}]", row) for i, row in enumerate(plain_rows(data)))
+    return ((f"{path}[{i}]", row) for i, row in enumerate(plain_rows(data)))

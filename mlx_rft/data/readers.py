@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MlxRftError
+from .hf import saved_rows
 
 FORMATS = {
     ".jsonl": "jsonl",
@@ -160,9 +161,7 @@ def read_raw_rows(path: str | Path, splits: Sequence[str] = ("train",)) -> Itera
     """
     path = Path(path)
     if path.is_dir():
-        from .hf import saved_rows  # hf imports this module (RawRow), so not at the top
-
-        return saved_rows(path, splits)
+        return (RawRow(where, row) for where, row in saved_rows(path, splits))
     if not path.is_file():
         raise MlxRftError(
             f"data file {str(path)!r} does not exist; pass a .jsonl/.json/.csv/.parquet file or a "

@@ -34,3 +34,24 @@ def choose_groups(informative: np.ndarray, wanted: int) -> list[int]:
     informative = np.asarray(informative, dtype=bool)
     order = np.concatenate([np.flatnonzero(informative), np.flatnonzero(~informative)])
     return sorted(int(g) for g in order[:wanted])
+
+
+def local_groups(chosen: list[int], per_round: int, world_size: int, rank: int) -> list[int]:
+    """This rank's indices (into its own drawn groups, in draw order) of the chosen global groups.
+
+    Global group g was drawn in round g // per_round by rank (g % per_round) // share, as its
+    group g % share of that round (the sampler gives each rank a contiguous slice)."""
+    share = per_round // world_size
+    return [(g // per_round) * share + g % share for g in chosen if (g % per_round) // share == rank]
+
+
+def sampling_metrics(informative: np.ndarray, wanted: int) -> dict[str, float]:
+    """The step's dynamic-sampling counts; frac_zero_std_groups is over every group drawn."""
+    drawn, found = int(informative.size), int(informative.sum())
+    return {
+        "sampling/rounds": float(drawn // wanted),
+        "sampling/prompts": float(drawn),
+        "sampling/informative_groups": float(found),
+        "sampling/kept_groups": float(min(found, wanted)),
+        "frac_zero_std_groups": 1.0 - found / drawn,
+    }

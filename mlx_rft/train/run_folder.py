@@ -52,6 +52,30 @@ class RunPlan:
     fingerprint: str = ""
 
 
+def data_fingerprint(prompts) -> str:
+    """A hash of the training prompts in order (what a checkpoint's sampler position points at);
+    `prompts` yields PromptExamples."""
+    h = hashlib.sha256()
+    for example in prompts:
+        h.update(example.prompt.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def check_same_data(state: dict[str, Any], fingerprint: str, checkpoint: Path) -> None:
+    """Refuse to resume on other training prompts than the checkpoint's (older checkpoints,
+    without a fingerprint, are trusted)."""
+    saved = state.get("data_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise MlxRftError(
+            f"the training prompts differ from those {checkpoint} was trained on (same config, "
+            "different rows: the data file changed, or the task's generator depends on Python's "
+            "hash seed, as some reasoning-gym tasks do; the mlx-rft command fixes it, in Python "
+            "set PYTHONHASHSEED=0 before starting); resuming would train on other data, so use "
+            "the original data or start a fresh run"
+        )
+
+
 def model_fingerprint(model_dir: Path) -> str:
     """A cheap content hash of a model folder: config.json, and each weight file's name, size,
     first and last MiB (two models with equal shapes but other weights differ here)."""

@@ -14,7 +14,6 @@ spent on them. Seeds are derived from (seed, step), so a resumed run replays the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -49,7 +48,7 @@ from .metrics import build_reporters
 from .report import write_report
 from .optim import CompiledApply, build_optimizer, squared_distance
 from .policy import ReferencePolicy, adapter_config, count_parameters, setup_trainable
-from .dynamic_sampling import choose_groups, informative_groups
+from .dynamic_sampling import choose_groups, informative_groups, local_groups, sampling_metrics
 from .run_data import build_run_data
 from .signals import GracefulStop
 from .step import (
@@ -132,7 +131,7 @@ class GRPOTrainer:
         # Filled by train(): the process group, the model folder and the trainable setup...
         self.world = None
         self.model_dir: Path | None = None
-        self.fingerprint = ""
+        self.fingerprint = self.data_fingerprint = ""
         self.optimizer = self.apply_update = self.reference = self.adapter_cfg = None
         self.param_counts = None
         # ... the data and rewards ...
@@ -171,6 +170,7 @@ class GRPOTrainer:
         if data.train.skipped_bad:
             self._log(f"skipped {data.train.skipped_bad} malformed rows of {data.train.source}")
         self.train_data, self.eval_data = data.train, data.eval
+        self.data_fingerprint = run_folder.data_fingerprint(data.train)  # checked on resume
         self.rewards, self.eval_reward = data.rewards, data.eval_reward
 
     # ------------------------------------------------------------------ pieces
@@ -228,10 +228,9 @@ class GRPOTrainer:
         self._check_scored(step, rewards)
         drawn_rewards, sampling = rewards.total, {}
         if cfg.dynamic_sampling:
-            examples, rollouts, rewards, sampling = self._fill_informative(
+            examples, rollouts, rewards, sampling, drawn_rewards = self._fill_informative(
                 step, sampler, examples, rollouts, rewards, t
             )
-            drawn_rewards = sampling.pop("drawn_rewards")
 
         batch_stats = None
         if world.size > 1 and cfg.scale_rewards == "batch":
@@ -271,7 +270,7 @@ class GRPOTrainer:
         process draws them, so the kept groups are the single-process run's (a rank may hold
         more of them than another, or none)."""
         cfg, world, G = self.cfg, self.world, self.cfg.group_size
-        B, share = cfg.prompts_per_step, cfg.prompts_per_step // world.size
+        B = cfg.prompts_per_step
         rounds = [(examples, rollouts, rewards)]
         flags = [world.gather(informative_groups(rewards.total, G).astype(np.float32)) > 0]
         while sum(int(f.sum()) for f in flags) < B and len(rounds) < cfg.max_sampling_rounds:
@@ -280,27 +279,14 @@ class GRPOTrainer:
             rounds.append((more, ro, rw))
             flags.append(world.gather(informative_groups(rw.total, G).astype(np.float32)) > 0)
         informative = np.concatenate(flags)  # [rounds * B], global draw order
-        # Global group g is round g // B, rank (g % B) // share, local group g % share there.
-        local = [
-            (g // B) * share + g % share for g in choose_groups(informative, B)
-            if (g % B) // share == world.rank
-        ]
+        local = local_groups(choose_groups(informative, B), B, world.size, world.rank)
         rows = np.array([g * G + j for g in local for j in range(G)], dtype=np.int64)
         all_rewards = RewardResult.concat([r[2] for r in rounds])
-        found = int(informative.sum())
-        sampling = {
-            "sampling/rounds": float(len(rounds)),
-            "sampling/prompts": float(informative.size),
-            "sampling/informative_groups": float(found),
-            "sampling/kept_groups": float(min(found, B)),
-            "frac_zero_std_groups": 1.0 - found / informative.size,  # of every group drawn
-            "drawn_rewards": all_rewards.total,
-        }
         all_examples = [e for r in rounds for e in r[0]]
         return (
             [all_examples[g] for g in local],
             RolloutBatch.concat([r[1] for r in rounds]).select_groups(local),
-            all_rewards.select(rows), sampling,
+            all_rewards.select(rows), sampling_metrics(informative, B), all_rewards.total,
         )
 
     def add_reference(self, traj: Trajectory) -> None:
@@ -437,15 +423,7 @@ class GRPOTrainer:
         if plan.resume_from is None:
             return RunState(0, sampler)
         state = ckpt.load_checkpoint(plan.resume_from, self.model, self.optimizer)
-        saved = state.get("data_fingerprint")
-        if saved is not None and saved != data_fingerprint(self.train_data):
-            raise MlxRftError(
-                f"the training prompts differ from those {plan.resume_from} was trained on (same "
-                "config, different rows: the data file changed, or the task's generator depends "
-                "on Python's hash seed, as some reasoning-gym tasks do; the mlx-rft command fixes "
-                "it, in Python set PYTHONHASHSEED=0 before starting); resuming would train on "
-                "other data, so use the original data or start a fresh run"
-            )
+        run_folder.check_same_data(state, self.data_fingerprint, plan.resume_from)
         sampler.load_state_dict(state["sampler"])
         self._log(f"resumed from {plan.resume_from} at step {state['step']}")
         return RunState(state["step"], sampler, state.get("history", []), state.get("eval_before", {}))
@@ -569,21 +547,12 @@ class GRPOTrainer:
         state = {
             "sampler": run.sampler.state_dict(), "eval_before": run.eval_before,
             "history": run.history, "model_fingerprint": self.fingerprint,
-            "data_fingerprint": data_fingerprint(self.train_data),
+            "data_fingerprint": self.data_fingerprint,
         }
         ckpt.save_checkpoint(
             run_dir / "checkpoints", step, self.model, self.optimizer, self.cfg, state,
             adapter_cfg=self.adapter_cfg, base_model_dir=self.model_dir,
         )
-
-
-def data_fingerprint(data: PromptDataset) -> str:
-    """A hash of the training prompts in order (what the sampler's indices point at)."""
-    h = hashlib.sha256()
-    for example in data:
-        h.update(example.prompt.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 def _current_lr(optimizer) -> float:
