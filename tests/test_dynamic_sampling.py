@@ -15,7 +15,7 @@ from mlx_rft.train.dynamic_sampling import choose_groups, informative_groups, lo
 from mlx_rft.train.step import grpo_loss
 from mlx_rft.types import RolloutBatch
 
-from test_trainer import ROWS, _final_state, half_constant, make_cfg
+from test_trainer import ROWS, check_resume_is_exact, half_constant, make_cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,22 +146,8 @@ def test_dynamic_sampling_trains_on_informative_groups_with_their_normalisers(ti
 
 
 def test_dynamic_sampling_resumes_exactly(tiny_qwen3, tmp_path):
-    def run(out, steps, resume=None):
-        cfg = make_cfg(tiny_qwen3, out, num_steps=steps, save_every=2, resume=resume,
-                       dynamic_sampling=True)
-        t = GRPOTrainer(cfg, reward_funcs=[half_constant], train_dataset=ROWS)
-        return t, t.train()
-
-    full, full_res = run(tmp_path / "a", 4)
-    run(tmp_path / "b", 2)
-    resumed, resumed_res = run(tmp_path / "b", 4, resume="latest")
-    a, b = _final_state(full), _final_state(resumed)
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
-    for key in ("sampling/prompts", "loss", "reward/mean"):
-        fa = [h[key] for h in full_res.history if "loss" in h]
-        fb = [h[key] for h in resumed_res.history if "loss" in h]
-        assert fa == pytest.approx(fb, abs=1e-6), key
+    check_resume_is_exact(tiny_qwen3, tmp_path, half_constant, ("sampling/prompts", "loss", "reward/mean"),
+                          dynamic_sampling=True)
 
 
 def test_a_run_with_nothing_to_learn_ends_early_with_a_clear_reason(tiny_qwen3, tmp_path):

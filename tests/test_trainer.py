@@ -243,10 +243,11 @@ def test_a_step_with_no_signal_skips_the_gradient_pass(tiny_qwen3, tmp_path):
     assert lora_b and all(not v.any() for v in lora_b)
 
 
-def test_resume_reaches_the_same_weights_and_metrics(tiny_qwen3, tmp_path):
+def check_resume_is_exact(model_dir, tmp_path, reward, keys, **cfg_kw):
+    """4 steps straight vs 2 steps then a resume to 4: the same weights and per-step metrics."""
     def run(out, steps, resume=None):
-        cfg = make_cfg(tiny_qwen3, out, num_steps=steps, save_every=2, resume=resume, lora_dropout=0.1)
-        t = GRPOTrainer(cfg, reward_funcs=[digit_share], train_dataset=ROWS)
+        cfg = make_cfg(model_dir, out, num_steps=steps, save_every=2, resume=resume, **cfg_kw)
+        t = GRPOTrainer(cfg, reward_funcs=[reward], train_dataset=ROWS)
         return t, t.train()
 
     full, full_res = run(tmp_path / "a", 4)
@@ -255,11 +256,18 @@ def test_resume_reaches_the_same_weights_and_metrics(tiny_qwen3, tmp_path):
     a, b = _final_state(full), _final_state(resumed)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
-    keys = ("reward/mean", "loss", "completion/mean_length")
     for k in keys:
         fa = [h[k] for h in full_res.history if "loss" in h]
         fb = [h[k] for h in resumed_res.history if "loss" in h]
         assert len(fa) == 4 and fa == pytest.approx(fb, abs=1e-6), k
+    return full_res, resumed_res
+
+
+def test_resume_reaches_the_same_weights_and_metrics(tiny_qwen3, tmp_path):
+    full_res, resumed_res = check_resume_is_exact(
+        tiny_qwen3, tmp_path, digit_share, ("reward/mean", "loss", "completion/mean_length"),
+        lora_dropout=0.1,
+    )
     assert resumed_res.eval_before["eval/accuracy"] == full_res.eval_before["eval/accuracy"]
 
 
