@@ -217,3 +217,27 @@ def test_models_without_input_embeddings_are_refused_by_name():
 
     with pytest.raises(MlxRftError, match="takes no input_embeddings"):
         check_supports_embeddings(NoEmbeddings())
+
+
+def test_behaviour_logprobs_equal_teacher_forced_ones_with_embeddings(tiny):
+    from mlx_rft.policy.logprobs import sequence_logprobs
+    from mlx_rft.rollout.engine import generate_rollouts
+    from mlx_rft.types import SamplingConfig
+
+    model, tok, _ = tiny
+    encs = [encode_row(tok, r) for r in _rows(3, T=9)]  # lengths differ: left padding matters
+    emb, lengths = model.embed([e.pieces for e in encs], pad_left=True)
+    ids = [model.placeholder_ids(e.pieces) for e in encs]
+    assert [len(i) for i in ids] == lengths and len(set(lengths)) > 1
+    G = 3
+    batch = generate_rollouts(model.llm, tok, ids, G, SamplingConfig(temperature=1.0, max_new_tokens=8),
+                              seed=0, prompt_embeddings=emb)
+    mask = np.asarray(batch.completion_mask) > 0
+    for share in (True, False):
+        lp, _ = sequence_logprobs(model.llm, ids, batch.completion_ids, batch.completion_mask, G,
+                                  1.0, share_prompt=share, prompt_embeddings=emb)
+        diff = np.abs(np.asarray(lp) - np.asarray(batch.logprobs))[mask]
+        assert diff.max() <= 1e-4, (share, diff.max())
+    # The placeholder ids alone are another prompt: the embeddings really are used.
+    plain, _ = sequence_logprobs(model.llm, ids, batch.completion_ids, batch.completion_mask, G, 1.0)
+    assert np.abs(np.asarray(plain) - np.asarray(batch.logprobs))[mask].max() > 1e-2

@@ -152,6 +152,7 @@ def sequence_logprobs(
     with_entropy: bool = False,
     share_prompt: bool = True,
     chunk_size: int | None = None,
+    prompt_embeddings: mx.array | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """Per-token log-probs of completions under `model`, by teacher forcing at `temperature`.
 
@@ -170,6 +171,9 @@ def sequence_logprobs(
             prompt+completion sequence, padded to the longest.
         chunk_size: completion tokens per LM-head chunk; None picks it from a 256 MiB budget for one
             float32 [chunk, V] block; 0 disables chunking.
+        prompt_embeddings: [B, P, H] input embeddings of the prompts, left-padded like the ids
+            (P = the longest prompt), used instead of the ids' own embeddings: prompts that hold
+            soft tokens (time series). Gradients flow into them.
 
     Returns:
         (logp, entropy): [N, T] float32 each, 0 where the mask is 0; entropy is None unless
@@ -202,9 +206,15 @@ def sequence_logprobs(
     body, head_module, head = split_model(model)
     prompts, pads = _left_pad(prompt_ids)
     width = prompts.shape[1]
+    if prompt_embeddings is not None and prompt_embeddings.shape[:2] != prompts.shape:
+        raise MlxRftError(
+            f"prompt_embeddings shape {tuple(prompt_embeddings.shape)} does not fit the "
+            f"{tuple(prompts.shape)} left-padded prompts; pass one embedding per prompt position"
+        )
+    embed = {} if prompt_embeddings is None else {"input_embeddings": prompt_embeddings}
     if share_prompt:
         cache = make_caches(model, pads)
-        h_prompt = body(prompts, cache=cache)[:, -1]  # [B, H]: predicts completion token 0
+        h_prompt = body(prompts, cache=cache, **embed)[:, -1]  # [B, H]: predicts completion token 0
         # Completions run in length buckets: each bucket is padded only to its own longest row
         # (the last masked-in position), so one long row does not make every row pay for its
         # length. Each bucket attends to its prompts' cached keys and values, selected by gather.
@@ -226,7 +236,11 @@ def sequence_logprobs(
     else:
         rows = mx.concatenate([mx.repeat(prompts, group_size, axis=0), ids[:, :-1]], axis=1)
         cache = make_caches(model, [p for p in pads for _ in range(group_size)])
-        hidden = body(rows, cache=cache)[:, width - 1 :]  # [N, T, H]
+        if embed:
+            table = _embedding_table(model)
+            embed = {"input_embeddings": mx.concatenate(
+                [mx.repeat(prompt_embeddings, group_size, axis=0), table(ids[:, :-1])], axis=1)}
+        hidden = body(rows, cache=cache, **embed)[:, width - 1 :]  # [N, T, H]
         h_valid = hidden.reshape(n * t, -1)[mx.array(flat_idx)]
 
     # Only masked-in positions go through the head; the rest of [N, T] is filled with zeros.
@@ -248,6 +262,11 @@ def sequence_logprobs(
     if with_entropy:
         entropy = mx.concatenate([ent_v, zero])[inverse].reshape(n, t)
     return logp, entropy
+
+
+def _embedding_table(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", model)
+    return inner.embed_tokens
 
 
 def sequence_logprobs_reference(

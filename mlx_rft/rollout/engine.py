@@ -84,17 +84,23 @@ def _check_inputs(prompt_ids, group_size, sampling) -> list[list[int]]:
     return prompts
 
 
-def _prefill(model, cache, tokens: mx.array, step: int) -> mx.array:
+def _prefill(model, cache, tokens: mx.array, step: int, embeddings: mx.array | None = None) -> mx.array:
     """Run the [B, P] left-padded prompts through the model; returns last-position logits [B, V].
 
     All but the last position go in chunks whose logits are never evaluated (only the cache
-    is), so the LM head runs on one position per row.
+    is), so the LM head runs on one position per row. `embeddings` ([B, P, H], optional) replace
+    the ids' own embeddings (prompts with soft tokens).
     """
-    body, last = tokens[:, :-1], tokens[:, -1:]
-    for start in range(0, body.shape[1], step):
-        model(body[:, start : start + step], cache=cache)
+    def chunk(a, b):
+        if embeddings is None:
+            return model(tokens[:, a:b], cache=cache)
+        return model(tokens[:, a:b], cache=cache, input_embeddings=embeddings[:, a:b])
+
+    P = tokens.shape[1]
+    for start in range(0, P - 1, step):
+        chunk(start, min(start + step, P - 1))
         mx.eval([c.state for c in cache])
-    return model(last, cache=cache)[:, -1, :]
+    return chunk(P - 1, P)[:, -1, :]
 
 
 def _compact_due(finished: int, active: int) -> bool:
@@ -117,6 +123,7 @@ def generate_rollouts(
     ignore_eos: bool = False,
     prefill_step_size: int = PREFILL_STEP_SIZE,
     stats: RolloutStats | None = None,
+    prompt_embeddings: mx.array | None = None,
 ) -> RolloutBatch:
     """Sample `group_size` completions for each prompt in one batched decode loop.
 
@@ -134,6 +141,9 @@ def generate_rollouts(
         ignore_eos: keep generating past EOS (benchmarks that need fixed-length rows).
         prefill_step_size: prompt positions per prefill forward (bounds prefill memory).
         stats: optional RolloutStats filled with token counts and timings.
+        prompt_embeddings: [B, P, H] input embeddings of the prompts, left-padded to the longest
+            (P), used in the prefill instead of the ids' embeddings: prompts with soft tokens
+            (time series), whose ids hold placeholders there.
 
     Returns:
         RolloutBatch with N = B * G rows; `logprobs` are log_softmax(logits / T) of the sampled
@@ -176,7 +186,12 @@ def generate_rollouts(
         padding = [P - n for n in lengths]
         cache = make_rollout_cache(model, padding)
         padded = mx.array([[0] * pad + p for pad, p in zip(padding, prompts)], dtype=mx.int32)
-        logits = _prefill(model, cache, padded, max(1, int(prefill_step_size)))
+        if prompt_embeddings is not None and prompt_embeddings.shape[:2] != padded.shape:
+            raise MlxRftError(
+                f"prompt_embeddings shape {tuple(prompt_embeddings.shape)} does not fit the "
+                f"{tuple(padded.shape)} left-padded prompts; pass one embedding per prompt position"
+            )
+        logits = _prefill(model, cache, padded, max(1, int(prefill_step_size)), prompt_embeddings)
         vocab_size = logits.shape[-1]
         for c in cache:
             # Room for the first 256 new tokens; past that the cache grows by 256 positions at a

@@ -117,6 +117,17 @@ class TimeSeriesLM(nn.Module):
             padded.append(s)
         return mx.stack(padded), lengths
 
+    def placeholder_ids(self, pieces: Sequence) -> list[int]:
+        """Token ids of a prompt with PAD_ID at its soft-token positions: what the rollout engine
+        and the log-prob pass take as `prompt_ids` next to the prompt's embeddings."""
+        ids: list[int] = []
+        for piece in pieces:
+            if _is_channel(piece):
+                ids.extend([PAD_ID] * num_patches(len(piece), self.config.patch_size))
+            else:
+                ids.extend(int(t) for t in piece)
+        return ids
+
     # ---- parameters and files ----
 
     def parameter_counts(self) -> dict[str, int]:
