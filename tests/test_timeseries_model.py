@@ -12,7 +12,7 @@ from mlx_rft.errors import MlxRftError
 from mlx_rft.models import load_model
 from mlx_rft.sft.evaluate import generate_texts, shuffled_rows
 from mlx_rft.sft.loss import answer_logprobs, rank_labels, sft_loss
-from mlx_rft.sft.prefix import SharedPrefix, common_prefix, strip
+from mlx_rft.sft.prefix import SharedPrefix, common_prefix
 from mlx_rft.timeseries.encoder import EncoderConfig
 from mlx_rft.timeseries.model import TimeSeriesLM, check_supports_embeddings, load_timeseries_lm
 from mlx_rft.timeseries.prompts import MARKER, encode_row, user_turn
@@ -119,18 +119,18 @@ def test_the_shared_prefix_forward_equals_the_full_forward(tiny):
     answers = [e.answer_ids for e in encs]
     full, _ = answer_logprobs(model, [e.pieces for e in encs], answers)
     prefix = SharedPrefix(model.llm, encs[0].pieces[0][:n])
-    shared, _ = answer_logprobs(model, [strip(e.pieces, n) for e in encs], answers, prefix)
+    shared, _ = answer_logprobs(model, [prefix.strip(e.pieces) for e in encs], answers, prefix)
     np.testing.assert_allclose(np.asarray(shared), np.asarray(full), atol=1e-5)
     # A different prefix changes the numbers (the check can fail).
     other = SharedPrefix(model.llm, encs[0].pieces[0][:n][::-1].copy())
-    wrong, _ = answer_logprobs(model, [strip(e.pieces, n) for e in encs], answers, other)
+    wrong, _ = answer_logprobs(model, [prefix.strip(e.pieces) for e in encs], answers, other)
     assert float(mx.abs(wrong - full).max()) > 1e-3
     # Gradients into the encoder are the same through the prefix cache.
     def loss(m, pieces, pre):
         return sft_loss(m, pieces, answers, pre)[0]
 
     g_full = nn.value_and_grad(model, loss)(model, [e.pieces for e in encs], None)[1]
-    g_shared = nn.value_and_grad(model, loss)(model, [strip(e.pieces, n) for e in encs], prefix)[1]
+    g_shared = nn.value_and_grad(model, loss)(model, [prefix.strip(e.pieces) for e in encs], prefix)[1]
     a = np.asarray(g_full["encoder"]["patch"]["weight"])
     b = np.asarray(g_shared["encoder"]["patch"]["weight"])
     assert np.abs(a).max() > 0
@@ -241,3 +241,11 @@ def test_behaviour_logprobs_equal_teacher_forced_ones_with_embeddings(tiny):
     # The placeholder ids alone are another prompt: the embeddings really are used.
     plain, _ = sequence_logprobs(model.llm, ids, batch.completion_ids, batch.completion_mask, G, 1.0)
     assert np.abs(np.asarray(plain) - np.asarray(batch.logprobs))[mask].max() > 1e-2
+
+
+def test_a_row_that_does_not_open_with_the_shared_prefix_is_refused(tiny):
+    model, tok, _ = tiny
+    enc = encode_row(tok, _rows(1)[0])
+    prefix = SharedPrefix(model.llm, enc.pieces[0][:6][::-1].copy())
+    with pytest.raises(MlxRftError, match="does not start with the shared prefix"):
+        prefix.strip(enc.pieces)

@@ -23,7 +23,7 @@ from ..timeseries.model import PAD_ID, TimeSeriesLM
 from ..timeseries.prompts import Encoded, answer_ids, encode_row
 from ..timeseries.rows import SeriesPart, TSRow
 from .loss import rank_labels
-from .prefix import SharedPrefix, strip
+from .prefix import SharedPrefix
 
 RANK_BATCH = 32  # rows per scoring pass (each row holds one sequence per label)
 GENERATE_BATCH = 64
@@ -32,12 +32,11 @@ GENERATE_BATCH = 64
 def rank_accuracy(model: TimeSeriesLM, tokenizer, examples: Sequence[Encoded],
                   classes: Sequence[str], prefix: SharedPrefix, on_batch=None) -> dict:
     labels = [answer_ids(tokenizer, c) for c in classes]
-    n = prefix.length
     preds = []
     batch = max(1, RANK_BATCH // max(1, len(classes) // 2))
     for i in range(0, len(examples), batch):
         chunk = examples[i : i + batch]
-        scores = rank_labels(model, [strip(e.pieces, n) for e in chunk], labels, prefix)
+        scores = rank_labels(model, [prefix.strip(e.pieces) for e in chunk], labels, prefix)
         preds.extend(classes[k] for k in scores.argmax(axis=1))
         if on_batch:
             on_batch(len(chunk))
@@ -48,8 +47,7 @@ def generate_texts(model: TimeSeriesLM, tokenizer, examples: Sequence[Encoded],
                    prefix: SharedPrefix, max_new_tokens: int, on_batch=None) -> list[str]:
     """Greedy completions. Rows are batched by prompt length, so no row needs padding and
     the plain KV cache (one offset for the batch) is exact."""
-    n = prefix.length
-    rows = [strip(e.pieces, n) for e in examples]
+    rows = [prefix.strip(e.pieces) for e in examples]
     lengths = [_length(r, model) for r in rows]
     out: list[str | None] = [None] * len(rows)
     eos = set(int(t) for t in tokenizer.eos_token_ids)

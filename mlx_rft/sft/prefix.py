@@ -16,6 +16,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from ..errors import MlxRftError
+
 
 def common_prefix(first_pieces: Sequence[np.ndarray]) -> int:
     """Length of the longest token prefix shared by all rows' first (text) pieces."""
@@ -68,6 +70,18 @@ class SharedPrefix:
             self.kv = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
             mx.eval(self.kv)
 
+    def strip(self, pieces: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """A row's pieces after the prefix (which must open its first, text, piece)."""
+        if not self.length:
+            return tuple(pieces)
+        first = pieces[0]
+        if first.dtype.kind not in "iu" or not np.array_equal(first[: self.length], self.ids):
+            raise MlxRftError(
+                "a row does not start with the shared prefix its batch was built for; build the "
+                "prefix from these rows (common_prefix)"
+            )
+        return (first[self.length :], *pieces[1:])
+
     def caches(self, batch: int) -> list | None:
         """Per-layer caches for a forward pass of `batch` suffix rows (None without a prefix)."""
         if not self.length:
@@ -82,6 +96,3 @@ class SharedPrefix:
         return cache
 
 
-def strip(pieces: Sequence[np.ndarray], n: int) -> tuple[np.ndarray, ...]:
-    """The pieces without their first n tokens (all in the first, text, piece)."""
-    return (pieces[0][n:], *pieces[1:]) if n else tuple(pieces)

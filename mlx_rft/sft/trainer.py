@@ -35,7 +35,7 @@ from . import evaluate as ev
 from .config import SFTConfig
 from .data import SFTData, load_sft_data
 from .loss import sft_loss
-from .prefix import SharedPrefix, common_prefix, strip
+from .prefix import SharedPrefix, common_prefix
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model")
 # Fields a resumed run may change: they do not alter the steps already taken or to come.
@@ -200,7 +200,7 @@ class SFTTrainer:
     def _step(self, loss_and_grad, step: int) -> dict[str, float]:
         cfg, train = self.cfg, self.data.train
         idx = batch_indices(len(train), min(cfg.batch_size, len(train)), cfg.seed, step)
-        pieces = [strip(train[i].pieces, self.prefix.length) for i in idx]
+        pieces = [self.prefix.strip(train[i].pieces) for i in idx]
         answers = [train[i].answer_ids for i in idx]
         tic = time.perf_counter()
         (loss, ntok), grads = loss_and_grad(self.model, pieces, answers, self.prefix)
@@ -303,15 +303,19 @@ class SFTTrainer:
         as_text = cfg.prompt_format == "text"
         out: dict[str, Any] = {"baselines": data.baselines}
         tic = time.perf_counter()
+        prefix = self.prefix
+        if not prefix.length:
+            # The weights no longer change: the held-out rows' shared opening runs once.
+            firsts = [e.pieces[0] for e in test]
+            prefix = SharedPrefix(self.model.llm, firsts[0][: common_prefix(firsts)])
         if data.classes:
-            out["ranking"] = ev.rank_accuracy(self.model, self.tokenizer, test, data.classes,
-                                              self.prefix)
-        texts = ev.generate_texts(self.model, self.tokenizer, test, self.prefix, cfg.max_new_tokens)
+            out["ranking"] = ev.rank_accuracy(self.model, self.tokenizer, test, data.classes, prefix)
+        texts = ev.generate_texts(self.model, self.tokenizer, test, prefix, cfg.max_new_tokens)
         out["generation"] = ev.generation_accuracy(texts, [e.answer for e in test])
         out["samples"] = [{"answer": e.answer, "completion": t} for e, t in zip(test[:5], texts)]
         if cfg.controls and data.has_series and data.classes and data.test_rows:
             rows = data.test_rows[: len(test)]
             out["shuffled_series"] = ev.shuffle_control(self.model, self.tokenizer, rows,
-                                                        data.classes, self.prefix, as_text)
+                                                        data.classes, prefix, as_text)
         out["eval_seconds"] = round(time.perf_counter() - tic, 1)
         return out
