@@ -249,3 +249,19 @@ def test_a_row_that_does_not_open_with_the_shared_prefix_is_refused(tiny):
     prefix = SharedPrefix(model.llm, enc.pieces[0][:6][::-1].copy())
     with pytest.raises(MlxRftError, match="does not start with the shared prefix"):
         prefix.strip(enc.pieces)
+
+
+def test_ranking_with_the_prompt_run_once_equals_full_sequences(tiny):
+    from mlx_rft.sft.loss import rank_labels_cached
+
+    model, tok, _ = tiny
+    rows = [r for r in _rows(4, T=8)]
+    rows = [rows[0], TSRow(rows[0].parts, "b")]  # same prompt length: one unpadded batch
+    encs = [encode_row(tok, r) for r in rows]
+    n = common_prefix([e.pieces[0] for e in encs])
+    prefix = SharedPrefix(model.llm, encs[0].pieces[0][: n - 3])
+    labels = [encode_row(tok, TSRow(rows[0].parts, c)).answer_ids for c in ("a", "bb", "the cat")]
+    assert len({len(a) for a in labels}) > 1  # labels of different lengths
+    full = rank_labels(model, [e.pieces for e in encs], labels)
+    cached = rank_labels_cached(model, [prefix.strip(e.pieces) for e in encs], labels, prefix)
+    np.testing.assert_allclose(cached, full, atol=1e-4)

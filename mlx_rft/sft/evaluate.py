@@ -22,49 +22,55 @@ from ..rewards.verifiers import answers_equal, extract_answer_tag
 from ..timeseries.model import PAD_ID, TimeSeriesLM
 from ..timeseries.prompts import Encoded, answer_ids, encode_row
 from ..timeseries.rows import SeriesPart, TSRow
-from .loss import rank_labels
+from .loss import rank_labels_cached
 from .prefix import SharedPrefix
 
-RANK_BATCH = 32  # rows per scoring pass (each row holds one sequence per label)
+RANK_ROWS = 256  # label sequences per scoring pass (rows x labels)
 GENERATE_BATCH = 64
 
 
 def rank_accuracy(model: TimeSeriesLM, tokenizer, examples: Sequence[Encoded],
                   classes: Sequence[str], prefix: SharedPrefix, on_batch=None) -> dict:
     labels = [answer_ids(tokenizer, c) for c in classes]
-    preds = []
-    batch = max(1, RANK_BATCH // max(1, len(classes) // 2))
-    for i in range(0, len(examples), batch):
-        chunk = examples[i : i + batch]
-        scores = rank_labels(model, [prefix.strip(e.pieces) for e in chunk], labels, prefix)
-        preds.extend(classes[k] for k in scores.argmax(axis=1))
+    rows = [prefix.strip(e.pieces) for e in examples]
+    preds: list[str | None] = [None] * len(rows)
+    per_batch = max(1, RANK_ROWS // len(classes))
+    for idx in _same_length_batches(rows, model, per_batch):
+        scores = rank_labels_cached(model, [rows[i] for i in idx], labels, prefix)
+        for i, k in zip(idx, scores.argmax(axis=1)):
+            preds[i] = classes[k]
         if on_batch:
-            on_batch(len(chunk))
+            on_batch(len(idx))
     return _scores(preds, [e.answer for e in examples])
 
 
 def generate_texts(model: TimeSeriesLM, tokenizer, examples: Sequence[Encoded],
                    prefix: SharedPrefix, max_new_tokens: int, on_batch=None) -> list[str]:
-    """Greedy completions. Rows are batched by prompt length, so no row needs padding and
-    the plain KV cache (one offset for the batch) is exact."""
+    """Greedy completions of the prompts."""
     rows = [prefix.strip(e.pieces) for e in examples]
-    lengths = [_length(r, model) for r in rows]
     out: list[str | None] = [None] * len(rows)
     eos = set(int(t) for t in tokenizer.eos_token_ids)
-    for length in sorted(set(lengths)):
-        same = [i for i, m in enumerate(lengths) if m == length]
-        for j in range(0, len(same), GENERATE_BATCH):
-            idx = same[j : j + GENERATE_BATCH]
-            for i, text in zip(idx, _greedy(model, [rows[i] for i in idx], prefix, max_new_tokens,
-                                            eos, tokenizer)):
-                out[i] = text
-            if on_batch:
-                on_batch(len(idx))
+    for idx in _same_length_batches(rows, model, GENERATE_BATCH):
+        texts = _greedy(model, [rows[i] for i in idx], prefix, max_new_tokens, eos, tokenizer)
+        for i, text in zip(idx, texts):
+            out[i] = text
+        if on_batch:
+            on_batch(len(idx))
     return out
 
 
+def _same_length_batches(rows, model: TimeSeriesLM, size: int):
+    """Row indices in batches of equal prompt length: no row needs padding, so the plain KV
+    cache (one offset for the whole batch) is exact."""
+    lengths = [_length(r, model) for r in rows]
+    for length in sorted(set(lengths)):
+        same = [i for i, m in enumerate(lengths) if m == length]
+        for j in range(0, len(same), size):
+            yield same[j : j + size]
+
+
 def _length(pieces, model: TimeSeriesLM) -> int:
-    from .. timeseries.encoder import num_patches
+    from ..timeseries.encoder import num_patches
 
     p = model.config.patch_size if model.config else 1
     return sum(num_patches(len(x), p) if np.issubdtype(x.dtype, np.floating) else len(x)
