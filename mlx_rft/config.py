@@ -35,7 +35,10 @@ class GRPOConfig:
     # --- model ---
     model: str | None = _f(None, "HF-format model folder; empty = the embedded SmolLM2-135M-Instruct")
     dtype: str | None = _f(None, "float32 | bfloat16 | float16; empty = float32 on CPU, bfloat16 on GPU")
-    finetune_type: str = _f("lora", "lora | dora | full")
+    finetune_type: str = _f(
+        "lora", "lora | dora | full | none (none: the LLM stays frozen; for time-series rows, whose "
+        "encoder and projector train)"
+    )
     lora_rank: int = _f(16, "LoRA rank r")
     lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / rank")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input")
@@ -45,6 +48,11 @@ class GRPOConfig:
     )
     quantize_bits: int = _f(0, "QLoRA: quantize the frozen base to 4 or 8 bits (0 = off)")
     freeze: list[str] = _f([], "full fine-tuning: freeze parameters whose name contains any of these")
+    encoder: str | None = _f(
+        None, "time-series rows (--task ucr:<Name> or a series JSONL): the series encoder + "
+        "projector to start from, the model folder of an `mlx-rft sft` run (empty = a new one); "
+        "it trains along with the LLM's adapters"
+    )
 
     # --- data ---
     task: str | None = _f(
@@ -128,8 +136,27 @@ class GRPOConfig:
     )
     max_uninformative_steps: int = _f(
         8, "end the run (checkpoint, eval, report; exit code 3) after this many steps in a row "
-        "in which every group's completions got equal rewards, so nothing was learned (0 = never)"
+        "in which every group's completions got equal rewards, so nothing was learned (0 = never; "
+        "the collapse guard acts first where it can)"
     )
+    collapse_guard: bool | None = _f(
+        None, "after guard_patience steps in a row in which every group's completions got equal "
+        "rewards while prompts scored differently (the policy answers each prompt one fixed way), "
+        "restore the weights and optimizer state of the last healthy step (one in which at least "
+        "half the groups, and no fewer than in the run's average step, carried signal), multiply "
+        "the learning rate by guard_lr_factor and continue "
+        "(empty = on with LoRA/DoRA adapters, whose snapshot takes a few MB; off for full "
+        "fine-tuning, where it would hold a second copy of the weights and optimizer state)"
+    )
+    guard_patience: int = _f(
+        3, "collapse guard: steps in a row with equal rewards in every group before it rolls back "
+        "(at most max_uninformative_steps)"
+    )
+    guard_max_rollbacks: int = _f(
+        3, "collapse guard: rollbacks allowed; at the next collapse the run ends (exit code 3) "
+        "with the last healthy weights"
+    )
+    guard_lr_factor: float = _f(0.5, "collapse guard: multiply the learning rate by this at each rollback")
 
     # --- optimisation ---
     num_steps: int = _f(60, "optimizer steps to run")
@@ -173,6 +200,11 @@ class GRPOConfig:
     def rows_per_step(self) -> int:
         return self.prompts_per_step * self.group_size
 
+    @property
+    def guard_enabled(self) -> bool:
+        """collapse_guard resolved: empty means on for adapters, off for full fine-tuning."""
+        return self.finetune_type != "full" if self.collapse_guard is None else self.collapse_guard
+
     def validate(self) -> GRPOConfig:
         """Check every rule; raise one MlxRftError naming the rule, the values and the fix."""
 
@@ -190,7 +222,7 @@ class GRPOConfig:
         from .dtypes import DTYPES
         from .rewards.reward_set import ON_ERROR
 
-        choice("finetune_type", FINETUNE_TYPES)
+        choice("finetune_type", (*FINETUNE_TYPES, "none"))
         choice("optimizer", OPTIMIZERS)
         choice("lr_schedule", SCHEDULES)
         choice("scale_rewards", SCALES)
@@ -253,6 +285,7 @@ class GRPOConfig:
             self.max_uninformative_steps >= 0,
             f"max_uninformative_steps={self.max_uninformative_steps} must be >= 0 (0 = never stop)",
         )
+        self._validate_guard(need)
         need(self.num_steps >= 1, f"num_steps={self.num_steps} must be >= 1")
         need(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
         need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
@@ -309,6 +342,27 @@ class GRPOConfig:
         )
         need(bool(str(self.output_dir).strip()), "output_dir is empty; name a run folder")
         return self
+
+    def _validate_guard(self, need) -> None:
+        need(self.guard_patience >= 1, f"guard_patience={self.guard_patience} must be >= 1")
+        need(
+            self.guard_max_rollbacks >= 0,
+            f"guard_max_rollbacks={self.guard_max_rollbacks} must be >= 0 (0 = end the run at the "
+            "first collapse, with the last healthy weights)",
+        )
+        need(
+            isinstance(self.guard_lr_factor, (int, float)) and 0 < self.guard_lr_factor <= 1,
+            f"guard_lr_factor={self.guard_lr_factor} must be in (0, 1] (1 = roll back without "
+            "lowering the learning rate)",
+        )
+        need(
+            not self.guard_enabled or not self.max_uninformative_steps
+            or self.guard_patience <= self.max_uninformative_steps,
+            f"guard_patience={self.guard_patience} is above max_uninformative_steps="
+            f"{self.max_uninformative_steps}: the run would stop before the collapse guard could "
+            "act; lower --guard-patience, raise --max-uninformative-steps, or turn the guard off "
+            "with --collapse-guard false",
+        )
 
     def sampling_config(self):
         """The rollout sampling settings (validated: the rules shared with eval and generate)."""

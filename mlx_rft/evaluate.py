@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +38,7 @@ def evaluate_prompts(
     seed: int = 0,
     batch_rows: int = 64,
     progress: Callable[[int], None] | None = None,
+    embed: Callable[[list[PromptExample]], Any] | None = None,
 ) -> dict[str, float]:
     """Mean score of `reward_set` over k samples per prompt, and pass@k (a sample is correct when
     its score is >= 1). k = 1 with temperature 0 is greedy pass@1.
@@ -51,7 +52,8 @@ def evaluate_prompts(
     every prompt with one and the same answer; see `constant_answer_baseline`).
 
     progress(n), when given, is called after each batch of prompts with the n prompts it scored
-    (a progress bar's advance)."""
+    (a progress bar's advance). embed(examples), when given, returns the prompts' left-padded input
+    embeddings (prompts with soft tokens, e.g. time series)."""
     from .rollout import generate_rollouts
 
     scores, t0 = [], time.perf_counter()
@@ -59,7 +61,9 @@ def evaluate_prompts(
     per_call = max(1, batch_rows // k)
     for i in range(0, len(examples), per_call):
         chunk = list(examples[i : i + per_call])
-        ro = generate_rollouts(model, tokenizer, [e.prompt_ids for e in chunk], k, sampling, seed=seed + i)
+        kw = {"prompt_embeddings": embed(chunk)} if embed is not None else {}
+        ro = generate_rollouts(model, tokenizer, [e.prompt_ids for e in chunk], k, sampling,
+                               seed=seed + i, **kw)
         prompts = [e.prompt for e in chunk for _ in range(k)]
         result = reward_set(prompts, ro.texts, columns_per_row(chunk, k))
         unscored += result.num_unscored

@@ -148,3 +148,6 @@ class PromptExample:
     prompt: str  # text after the chat template
     prompt_ids: list[int]
     columns: dict[str, Any]  # every dataset column, e.g. "answer", "tests"
+    # Prompts with series (soft tokens): the token-id arrays and z-normalised channels in order
+    # (timeseries/prompts.py); prompt_ids then hold placeholders at the soft-token positions.
+    pieces: tuple | None = None

@@ -162,3 +162,20 @@ def test_bad_sft_settings_are_refused_with_the_fix():
         SFTConfig(task="ucr:GunPoint", train_file="x.jsonl").validate()
     with pytest.raises(MlxRftError, match="encoder_dim=30 must be a multiple of encoder_heads=4"):
         SFTConfig(encoder_dim=30).validate()
+
+
+def test_micro_batches_give_the_same_step(tmp_path, tiny_qwen3):
+    from mlx_rft.sft.trainer import micro_batches
+
+    assert micro_batches([3, 3, 5, 2], 10) == [[0, 1], [2, 3]]
+    assert micro_batches([3, 3, 5, 6], 10) == [[0, 1], [2], [3]]
+    assert micro_batches([20], 10) == [[0]]
+    whole = SFTTrainer(_cfg(tmp_path / "w", tiny_qwen3, num_steps=2, controls=False),
+                       log=lambda *_: None)
+    whole.train()
+    split = SFTTrainer(_cfg(tmp_path / "s", tiny_qwen3, num_steps=2, controls=False,
+                            max_batch_tokens=8), log=lambda *_: None)
+    split.train()
+    a, b = _trainable(whole), _trainable(split)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=1e-4)

@@ -56,6 +56,10 @@ class SFTConfig:
     # --- optimisation ---
     num_steps: int = _f(150, "optimizer steps")
     batch_size: int = _f(16, "rows per step")
+    max_batch_tokens: int = _f(
+        2048, "positions per forward pass (rows x longest row); a larger batch runs in several "
+        "micro-batches with the same gradient, which bounds memory"
+    )
     learning_rate: float = _f(1e-3, "peak learning rate of the series encoder and projector")
     llm_learning_rate: float = _f(1e-4, "peak learning rate of the LLM's trainable weights (LoRA or full)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -92,7 +96,7 @@ class SFTConfig:
              f"prompt_format={self.prompt_format!r} is not valid; choose soft or text")
         need(self.lr_schedule in SCHEDULES,
              f"lr_schedule={self.lr_schedule!r} is not valid; choose one of {', '.join(SCHEDULES)}")
-        for name in ("num_steps", "batch_size", "patch_size", "encoder_dim", "encoder_layers",
+        for name in ("num_steps", "batch_size", "max_batch_tokens", "patch_size", "encoder_dim", "encoder_layers",
                      "encoder_heads", "lora_rank", "save_every", "keep_last", "log_every",
                      "max_new_tokens"):
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")

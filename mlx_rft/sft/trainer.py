@@ -21,13 +21,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from .. import cpu
 from ..errors import MlxRftError
 from ..models import load_model, resolve_model_path
 from ..timeseries.encoder import EncoderConfig
 from ..timeseries.model import TimeSeriesLM
+from ..timeseries.prompt_data import held_out_subset
 from ..train.checkpoint import find_checkpoint, load_checkpoint, read_config, save_checkpoint
 from ..train.run_folder import check_writable, trim_jsonl, write_summary
 from ..train.signals import GracefulStop
@@ -40,7 +41,7 @@ from .prefix import SharedPrefix, common_prefix
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "model")
 # Fields a resumed run may change: they do not alter the steps already taken or to come.
 RESUMABLE = {"resume", "overwrite", "log_every", "save_every", "keep_last", "eval_size",
-             "max_new_tokens", "controls", "output_dir"}
+             "max_new_tokens", "controls", "output_dir", "max_batch_tokens"}
 
 
 @dataclass
@@ -62,6 +63,19 @@ def batch_indices(n: int, batch: int, seed: int, step: int) -> np.ndarray:
         perm = np.random.default_rng([seed, epoch]).permutation(n)
         out.extend(perm[pos : pos + batch - len(out)])
     return np.asarray(out)
+
+
+def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive rows split so that each part's padded size (rows x longest) stays within
+    max_tokens (at least one row per part)."""
+    parts, cur, longest = [], [], 0
+    for i, n in enumerate(lengths):
+        if cur and (len(cur) + 1) * max(longest, n) > max_tokens:
+            parts.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    return parts + [cur] if cur else parts
 
 
 def lr_schedule(cfg: SFTConfig, peak: float):
@@ -203,7 +217,19 @@ class SFTTrainer:
         pieces = [self.prefix.strip(train[i].pieces) for i in idx]
         answers = [train[i].answer_ids for i in idx]
         tic = time.perf_counter()
-        (loss, ntok), grads = loss_and_grad(self.model, pieces, answers, self.prefix)
+        lengths = [ev._length(p, self.model) + len(a) for p, a in zip(pieces, answers)]
+        total_answer = sum(len(a) for a in answers)
+        loss = grads = None
+        for part in micro_batches(lengths, cfg.max_batch_tokens):
+            # Each micro-batch's mean, weighted by its share of the answer tokens: the batch mean.
+            (l, n), g = loss_and_grad(self.model, [pieces[i] for i in part],
+                                      [answers[i] for i in part], self.prefix)
+            w = float(sum(len(answers[i]) for i in part)) / total_answer
+            g = tree_map(lambda x: x * w, g)
+            loss = l * w if loss is None else loss + l * w
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            mx.eval(loss, grads)
+        ntok = total_answer
         norms = module_grad_norms(grads)
         if cfg.max_grad_norm > 0:
             grads, total = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -213,7 +239,8 @@ class SFTTrainer:
         mx.eval(self.model.parameters(), self.optimizer.state, loss, total, norms)
         seconds = time.perf_counter() - tic
         prompt_tokens = sum(ev._length(p, self.model) for p in pieces) + len(idx) * self.prefix.length
-        lr = self.optimizer.optimizers[1].learning_rate
+        # The encoder's learning rate when there is one, else the LLM's.
+        lr = self.optimizer.optimizers[1 if self.model.config is not None else 0].learning_rate
         return {
             "loss": float(loss), "grad_norm": float(total),
             **{k: float(v) for k, v in norms.items()},
@@ -297,7 +324,8 @@ class SFTTrainer:
 
     def evaluate(self) -> dict[str, Any]:
         cfg, data = self.cfg, self.data
-        test = data.test[: cfg.eval_size] if cfg.eval_size else data.test
+        keep = held_out_subset(len(data.test), cfg.eval_size)
+        test = [data.test[i] for i in keep]
         if not test:
             return {}
         as_text = cfg.prompt_format == "text"
@@ -314,7 +342,7 @@ class SFTTrainer:
         out["generation"] = ev.generation_accuracy(texts, [e.answer for e in test])
         out["samples"] = [{"answer": e.answer, "completion": t} for e, t in zip(test[:5], texts)]
         if cfg.controls and data.has_series and data.classes and data.test_rows:
-            rows = data.test_rows[: len(test)]
+            rows = [data.test_rows[i] for i in keep]
             out["shuffled_series"] = ev.shuffle_control(self.model, self.tokenizer, rows,
                                                         data.classes, prefix, as_text)
         out["eval_seconds"] = round(time.perf_counter() - tic, 1)

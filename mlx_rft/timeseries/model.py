@@ -118,15 +118,7 @@ class TimeSeriesLM(nn.Module):
         return mx.stack(padded), lengths
 
     def placeholder_ids(self, pieces: Sequence) -> list[int]:
-        """Token ids of a prompt with PAD_ID at its soft-token positions: what the rollout engine
-        and the log-prob pass take as `prompt_ids` next to the prompt's embeddings."""
-        ids: list[int] = []
-        for piece in pieces:
-            if _is_channel(piece):
-                ids.extend([PAD_ID] * num_patches(len(piece), self.config.patch_size))
-            else:
-                ids.extend(int(t) for t in piece)
-        return ids
+        return placeholder_ids(pieces, self.config.patch_size if self.config else 1)
 
     # ---- parameters and files ----
 
@@ -170,6 +162,18 @@ class TimeSeriesLM(nn.Module):
                 f"({len(expected)} expected); it was written for another model or config"
             )
         self.load_weights(list(weights.items()), strict=False)
+
+
+def placeholder_ids(pieces: Sequence, patch_size: int) -> list[int]:
+    """Token ids of a prompt with PAD_ID at its soft-token positions: what the rollout engine
+    and the log-prob pass take as `prompt_ids` next to the prompt's embeddings."""
+    ids: list[int] = []
+    for piece in pieces:
+        if _is_channel(piece):
+            ids.extend([PAD_ID] * num_patches(len(piece), patch_size))
+        else:
+            ids.extend(int(t) for t in piece)
+    return ids
 
 
 def _is_channel(piece) -> bool:

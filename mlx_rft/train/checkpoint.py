@@ -6,6 +6,8 @@ Layout of `<output_dir>/checkpoints/step-0000020/`:
   optimizer.safetensors     flattened optimizer state (moments, step)
   trainer_state.json        step, data sampler position, metrics history length, RNG seeds
   config.yaml               the resolved run config
+  collapse_guard.safetensors  the collapse guard's snapshot (last healthy weights and optimizer
+                            state), when it is not the checkpoint's own state
 Each is built in a hidden temporary folder, fsynced, then renamed into place, so a crash never
 leaves a half-written checkpoint; `latest` names the newest complete one.
 """
@@ -75,8 +77,11 @@ def save_checkpoint(
     *,
     adapter_cfg: dict | None,
     base_model_dir: Path,
+    extra_tensors: dict[str, dict[str, mx.array]] | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically; prune to cfg.keep_last. Returns its path."""
+    """Write checkpoint `step` under `root` atomically; prune to cfg.keep_last. Returns its path.
+
+    extra_tensors: {name: tensors} written as `<name>.safetensors` (read with load_extra_tensors)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
@@ -97,6 +102,8 @@ def save_checkpoint(
                     shutil.copy2(base_model_dir / name, tmp / name)
         opt_state = dict(tree_flatten(optimizer.state))
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+        for name, tensors in (extra_tensors or {}).items():
+            mx.save_safetensors(str(tmp / f"{name}.safetensors"), tensors)
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         save_config(cfg, tmp / "config.yaml")
         for f in tmp.iterdir():
@@ -176,6 +183,13 @@ def _load_tensors(path: Path, name: str) -> dict[str, mx.array]:
         return mx.load(str(path / name))
     except Exception as e:  # truncated or garbage safetensors raise a bare RuntimeError/ValueError
         raise _corrupt(path, f"{name} unreadable: {e}") from None
+
+
+def load_extra_tensors(path: Path, name: str) -> dict[str, mx.array] | None:
+    """The tensors save_checkpoint wrote as `<name>.safetensors`, or None when there are none."""
+    if not (path / f"{name}.safetensors").exists():
+        return None
+    return _load_tensors(path, f"{name}.safetensors")
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict[str, Any]:

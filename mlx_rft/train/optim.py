@@ -13,9 +13,12 @@ from ..cpu.kernels import on_cpu
 from ..errors import MlxRftError
 
 
-def build_schedule(cfg: GRPOConfig):
-    """Learning rate as a function of the optimizer step (a float when constant without warmup)."""
-    peak = cfg.learning_rate
+def build_schedule(cfg: GRPOConfig, lr_scale: float = 1.0):
+    """Learning rate as a function of the optimizer step (a float when constant without warmup).
+
+    lr_scale multiplies the whole schedule (the collapse guard lowers it after a rollback); at 1.0
+    the schedule is exactly the configured one."""
+    peak = cfg.learning_rate if lr_scale == 1.0 else cfg.learning_rate * lr_scale
     decay_steps = max(cfg.num_steps - cfg.warmup_steps, 1)
     if cfg.lr_schedule == "cosine":
         main = optim.cosine_decay(peak, decay_steps, end=0.0)
@@ -31,8 +34,13 @@ def build_schedule(cfg: GRPOConfig):
     return optim.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
-def build_optimizer(cfg: GRPOConfig) -> optim.Optimizer:
-    lr = build_schedule(cfg)
+# The name of each optimizer's momentum buffer in its per-parameter state (Adam's "v" is its second
+# moment; SGD's and Muon's "v" is their momentum).
+MOMENTUM_KEYS = {"adamw": "m", "adam": "m", "lion": "m", "sgd": "v", "muon": "v"}
+
+
+def build_optimizer(cfg: GRPOConfig, lr_scale: float = 1.0) -> optim.Optimizer:
+    lr = build_schedule(cfg, lr_scale)
     name = cfg.optimizer
     if name == "adamw":
         return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)

@@ -73,6 +73,9 @@ def setup_trainable(model: nn.Module, cfg: GRPOConfig) -> int:
             for module in matched:
                 module.freeze()
         return num_layers
+    if cfg.finetune_type == "none":  # a frozen LLM: the series encoder alone trains
+        model.freeze()
+        return 0
     if cfg.quantize_bits:
         nn.quantize(model, group_size=QLORA_GROUP_SIZE, bits=cfg.quantize_bits)
     model.freeze()

@@ -19,6 +19,12 @@ from ..data.hf import EVAL_SPLITS, first_split, saved_splits, take_splits
 from ..data.tasks import DEFAULT_TASK, load_task
 from ..errors import MlxRftError
 from ..rewards import RewardSet, resolve_reward
+from ..timeseries.prompt_data import (
+    encoder_patch_size, held_out_subset, is_series_source, series_datasets,
+)
+
+# The answer tag against the row's label: what `mlx-rft sft` scores by generation.
+SERIES_REWARD = "accuracy(extract=answer_tag)"
 
 
 @dataclass
@@ -37,6 +43,8 @@ def build_run_data(
     reward_specs: Sequence[Callable | str] = (),
 ) -> RunData:
     """train_rows / eval_rows: row dicts, a `datasets.Dataset`, or a `DatasetDict` (its splits)."""
+    if train_rows is None and eval_rows is None and is_series_source(cfg.task, cfg.train_file):
+        return _series_run_data(cfg, tokenizer, reward_specs)
     task = None
     train_rows, train_src, eval_rows, eval_src = take_splits(train_rows, eval_rows)
     rows = train_rows
@@ -73,6 +81,23 @@ def build_run_data(
                 f"--eval-file, or a smaller --eval-size (e.g. {max(1, total // 4)})"
             )
 
+    return RunData(train, evals, *_reward_sets(cfg, reward_specs, task))
+
+
+def _series_run_data(cfg: GRPOConfig, tokenizer, reward_specs) -> RunData:
+    """Time-series rows (a ucr:<Name> task or a series JSONL file): prompts with soft tokens."""
+    train, evals = series_datasets(cfg.task, cfg.train_file, cfg.eval_file, tokenizer,
+                                   encoder_patch_size(cfg.encoder))
+    if evals is None:
+        train, evals = train_eval_split(train, eval_size=min(cfg.eval_size, len(train) - 1),
+                                        seed=cfg.seed)
+    elif cfg.eval_size and len(evals) > cfg.eval_size:
+        evals = evals.subset(held_out_subset(len(evals), cfg.eval_size))
+    specs = list(reward_specs) or list(cfg.reward_funcs) or [SERIES_REWARD]
+    return RunData(train, evals, *_reward_sets(cfg, specs, None))
+
+
+def _reward_sets(cfg: GRPOConfig, reward_specs, task) -> tuple[RewardSet, RewardSet]:
     specs = list(reward_specs) or list(cfg.reward_funcs)
     if specs:
         funcs = [resolve_reward(s) if isinstance(s, str) else s for s in specs]
@@ -87,4 +112,4 @@ def build_run_data(
         weights = list(getattr(task, "reward_weights", None) or []) or None
     rewards = RewardSet(funcs, weights=weights, on_error=cfg.reward_on_error, timeout=cfg.reward_timeout)
     eval_reward = RewardSet(funcs[:1], on_error="none", timeout=cfg.reward_timeout)
-    return RunData(train, evals, rewards, eval_reward)
+    return rewards, eval_reward

@@ -59,6 +59,8 @@ def data_fingerprint(prompts) -> str:
     for example in prompts:
         h.update(example.prompt.encode())
         h.update(b"\0")
+        for piece in example.pieces or ():  # a series prompt's numbers, not only its text
+            h.update(piece.tobytes())
     return h.hexdigest()[:16]
 
 

@@ -80,6 +80,9 @@ class TrainBatch:
     old_logprobs: mx.array  # [n, T] behaviour log-probs recorded while sampling
     ref_logprobs: mx.array | None  # [n, T]
     advantages: mx.array  # [n]
+    # Prompts with soft tokens: each prompt's pieces (PromptExample.pieces), embedded inside the
+    # loss so that its gradient reaches the series encoder; None for text prompts.
+    prompt_pieces: list | None = None
 
     @property
     def num_rows(self) -> int:
@@ -112,10 +115,14 @@ def grpo_loss(cfg: GRPOConfig) -> LossFn:
     def loss_fn(model: nn.Module, batch: TrainBatch, totals: dict[str, float]):
         # Entropy costs a second pass over [N, T, V], so it is computed only when entropy
         # masking or the entropy bonus needs it (then it is also logged).
-        with checkpointed_layers(model) if cfg.gradient_checkpointing else contextlib.nullcontext():
+        llm, embed = model, {}
+        if batch.prompt_pieces is not None:  # model is a TimeSeriesLM
+            llm = model.llm
+            embed = {"prompt_embeddings": model.embed(batch.prompt_pieces, pad_left=True)[0]}
+        with checkpointed_layers(llm) if cfg.gradient_checkpointing else contextlib.nullcontext():
             logp, entropy = sequence_logprobs(
-                model, batch.prompts, batch.completion_ids, batch.mask, batch.group_size,
-                cfg.temperature, with_entropy=need_entropy,
+                llm, batch.prompts, batch.completion_ids, batch.mask, batch.group_size,
+                cfg.temperature, with_entropy=need_entropy, **embed,
             )
         loss, stats = compute_loss(
             loss_cfg, logp, batch.old_logprobs, batch.ref_logprobs, batch.advantages, batch.mask,
@@ -172,14 +179,18 @@ def train_batches(traj: Trajectory, cfg: GRPOConfig) -> tuple[list[TrainBatch], 
         a, b = sl.start, sl.stop
         idx = mx.array(rows[a:b])
         if a % G == 0 and b % G == 0:
-            p, g = [prompts[r // G] for r in rows[a:b:G]], G
+            owners, g = [r // G for r in rows[a:b:G]], G
         else:
-            p, g = [prompts[r // G] for r in rows[a:b]], 1
+            owners, g = [r // G for r in rows[a:b]], 1
+        p = [prompts[o] for o in owners]
+        pieces = None
+        if traj.examples and traj.examples[0].pieces is not None:
+            pieces = [traj.examples[o].pieces for o in owners]
         batches.append(TrainBatch(
             prompts=p, group_size=g, completion_ids=ro.completion_ids[idx],
             mask=traj.loss_mask[idx], old_logprobs=ro.logprobs[idx],
             ref_logprobs=None if traj.ref_logprobs is None else traj.ref_logprobs[idx],
-            advantages=advantages[idx],
+            advantages=advantages[idx], prompt_pieces=pieces,
         ))
     return batches, rows
 

@@ -39,9 +39,11 @@ from ..policy.logprobs import sequence_logprobs
 from ..rewards import RewardSet
 from ..rewards.base import RewardResult
 from ..rollout import generate_rollouts
+from ..timeseries.prompt_data import is_series_source, series_policy
 from ..types import PromptExample, RolloutBatch
 from . import checkpoint as ckpt
 from . import run_folder
+from .collapse_guard import CHECKPOINT_NAME as GUARD_TENSORS, CollapseGuard, Verdict
 from .distributed import init_world
 from .console import RunConsole
 from .metrics import build_reporters
@@ -57,7 +59,7 @@ from .step import (
 )
 
 
-EXIT_NOTHING_LEARNED = 3  # the exit code of a run ended by max_uninformative_steps
+EXIT_NOTHING_LEARNED = 3  # the exit code of a run ended by max_uninformative_steps or the guard
 
 
 @dataclass
@@ -122,6 +124,7 @@ class GRPOTrainer:
         self._train_rows = train_dataset
         self._eval_rows = eval_dataset
         self.model = model
+        self.policy: nn.Module | None = None  # what trains: the model, or a TimeSeriesLM around it
         self.tokenizer = tokenizer
         # A RunConsole, or a rich Console to wrap in one (bars when config.progress and a
         # terminal), or None for plain printed lines.
@@ -141,7 +144,8 @@ class GRPOTrainer:
         self.eval_reward: RewardSet | None = None
         # ... and the run's watchers.
         self.health = HealthMonitor(log_warnings=False)
-        self.unscored_steps = self.uninformative_steps = 0
+        self.guard = CollapseGuard(self.cfg)  # counts steps with nothing to learn; rolls back
+        self.unscored_steps = 0
 
     # ------------------------------------------------------------------ setup
     def _log(self, msg: str) -> None:
@@ -156,12 +160,35 @@ class GRPOTrainer:
         self.adapter_cfg = (
             None if cfg.finetune_type == "full" else adapter_config(cfg, num_adapted_layers)
         )
-        self.param_counts = count_parameters(self.model)
+        self.policy = self.model
+        series = self._train_rows is None and is_series_source(cfg.task, cfg.train_file)
+        if cfg.finetune_type == "none" and not series:
+            raise MlxRftError(
+                "finetune_type none freezes the whole model, which leaves nothing to train on text "
+                "rows; use lora, dora or full (none is for time-series rows)"
+            )
+        if series:
+            # Series rows: the encoder + projector train with the LLM's adapters.
+            if cfg.beta > 0:
+                raise MlxRftError(
+                    "--beta above 0 is not supported with time-series rows yet (the reference "
+                    "policy would need an encoder of its own); use --beta 0"
+                )
+            self.policy = series_policy(self.model, cfg.encoder)
+            mx.eval(self.policy.parameters())
+        self.param_counts = count_parameters(self.policy)
         self.reference = ReferencePolicy(
             self.model, cfg, load_copy=lambda: load_model(self.model_dir, dtype=cfg.dtype)[0]
         )
-        self.optimizer = build_optimizer(cfg)
-        self.apply_update = CompiledApply(self.model, self.optimizer, cfg.max_grad_norm)
+        self._set_optimizer(1.0)
+
+    def _set_optimizer(self, lr_scale: float, state: dict | None = None) -> None:
+        """A new optimizer whose learning rate is lr_scale x the configured schedule, holding
+        `state` (an optimizer state tree) when given, and the compiled update for it."""
+        self.optimizer = build_optimizer(self.cfg, lr_scale)
+        if state is not None:
+            self.optimizer.state = state
+        self.apply_update = CompiledApply(self.policy, self.optimizer, self.cfg.max_grad_norm)
 
     def _setup_data(self) -> None:
         data = build_run_data(
@@ -174,7 +201,16 @@ class GRPOTrainer:
         self.rewards, self.eval_reward = data.rewards, data.eval_reward
 
     # ------------------------------------------------------------------ pieces
+    def embed(self, examples: Sequence[PromptExample]):
+        """Left-padded input embeddings of prompts with soft tokens (None for text prompts)."""
+        if self.policy is self.model or not examples or examples[0].pieces is None:
+            return None
+        return self.policy.embed([e.pieces for e in examples], pad_left=True)[0]
+
     def generate(self, examples: Sequence[PromptExample], group_size: int, sampling, seed, **kw) -> RolloutBatch:
+        emb = self.embed(examples)
+        if emb is not None:
+            kw["prompt_embeddings"] = emb
         with adapters_fused(self.model):
             return generate_rollouts(
                 self.model, self.tokenizer, [e.prompt_ids for e in examples], group_size, sampling,
@@ -201,6 +237,7 @@ class GRPOTrainer:
             out = evaluate_prompts(
                 self.model, self.tokenizer, list(self.eval_data), self.eval_reward,
                 k=cfg.eval_k, sampling=sampling, seed=step_seed(cfg.seed, 0, salt=17), progress=advance,
+                embed=self.embed if self.policy is not self.model else None,
             )
         if out["eval/unscored"]:
             self.console.warn(
@@ -306,18 +343,18 @@ class GRPOTrainer:
         grads = grads_acc = None
         per_batch, loss_acc = [], 0.0
         for batch in batches:
-            (loss, stats), grads = loss_and_grad(self.model, batch, totals)
+            (loss, stats), grads = loss_and_grad(self.policy, batch, totals)
             grads_acc = grads if grads_acc is None else tree_map(mx.add, grads_acc, grads)
             mx.eval(loss, grads_acc, stats)
             loss_acc += loss.item()
             per_batch.append(({k: float(v.item()) for k, v in stats.items()}, float(batch.mask.sum().item())))
         if grads_acc is None:  # nothing on this process changes the gradient
-            grads_acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
+            grads_acc = tree_map(mx.zeros_like, self.policy.trainable_parameters())
         grads_acc = self.world.sum_tree(grads_acc)
         loss_acc = self.world.sum_floats(loss_acc)[0]
         grad_norm, change = self.apply_update(grads_acc)
         del grads_acc, grads  # the update frees each gradient once applied (see CompiledApply)
-        mx.eval(change, self.model.parameters(), self.optimizer.state, grad_norm)
+        mx.eval(change, self.policy.parameters(), self.optimizer.state, grad_norm)
         return UpdateStats(loss_acc, grad_norm.item(), math.sqrt(change.item()), combine_loss_stats(per_batch))
 
     def _check_scored(self, step: int, rewards: RewardResult) -> None:
@@ -335,25 +372,23 @@ class GRPOTrainer:
                 "max_unscored_steps); the last checkpoint is kept"
             )
 
-    def _check_informative(self, step: int, traj: Trajectory, metrics: dict) -> str | None:
-        """Why the run should end, after max_uninformative_steps steps in a row in which every
-        group's completions got equal rewards (no advantage, nothing learned); else None."""
+    def _watch(self, step: int, traj: Trajectory, metrics: dict) -> Verdict:
+        """The collapse guard's decision after a step (the same on every rank), carried out: keep
+        a healthy step's weights, or put the last healthy ones back (see collapse_guard.py)."""
         groups = len(traj.examples)
-        informative = self.world.sum_floats(float(groups - traj.advantages.num_zero_std_groups))[0]
-        self.uninformative_steps = 0 if informative else self.uninformative_steps + 1
-        limit = self.cfg.max_uninformative_steps
-        if not limit or self.uninformative_steps < limit:
-            return None
-        G = self.cfg.group_size
-        return (
-            f"steps {step - limit + 1}-{step}: in every group all {G} completions got the same "
-            f"reward (mean reward {metrics['reward/mean']:.3f}, "
-            f"{metrics['completion/distinct_per_group']:.1f} distinct completions per group), so "
-            "nothing was learned. If the samples are identical the policy has collapsed: lower "
-            "--learning-rate, add an entropy bonus (--entropy-coef) or raise --temperature; if "
-            "the task is too hard or too easy, change it or use --dynamic-sampling "
-            "(max_uninformative_steps 0 never stops)"
+        groups, informative = self.world.sum_floats(
+            float(groups), float(groups - traj.advantages.num_zero_std_groups)
         )
+        verdict = self.guard.observe(step, informative, groups, metrics)
+        if verdict.action == "rollback" or verdict.restore:
+            step_count = self.optimizer.state["step"]  # the schedule carries on from here
+            self._set_optimizer(self.guard.lr_scale)
+            self.optimizer.state["step"] = step_count
+            self.guard.restore(self.policy, self.optimizer)
+        elif verdict.healthy:
+            self.guard.keep(step, self.policy, self.optimizer)
+        metrics.update(self.guard.metrics())
+        return verdict
 
     def train_step(self, step: int, sampler: PromptSampler, loss_and_grad) -> tuple[dict, Trajectory]:
         """collect -> reference -> batches -> num_iterations updates -> metrics."""
@@ -375,12 +410,12 @@ class GRPOTrainer:
         # With several updates per step the step's change is not their sum: keep references to
         # the weights before them (they cost the weights' size once replaced). One update reports
         # its own change and keeps nothing.
-        before = dict(tree_flatten(self.model.trainable_parameters())) if cfg.num_iterations > 1 else None
+        before = dict(tree_flatten(self.policy.trainable_parameters())) if cfg.num_iterations > 1 else None
         for _ in range(cfg.num_iterations):
             upd = self.update(loss_and_grad, batches, totals)
         if before is not None:
             upd.update_norm = math.sqrt(sum(
-                squared_distance(v, before[k]) for k, v in tree_flatten(self.model.trainable_parameters())
+                squared_distance(v, before[k]) for k, v in tree_flatten(self.policy.trainable_parameters())
             ).item())
             del before
         t_upd = time.perf_counter() - t0
@@ -422,9 +457,15 @@ class GRPOTrainer:
         )
         if plan.resume_from is None:
             return RunState(0, sampler)
-        state = ckpt.load_checkpoint(plan.resume_from, self.model, self.optimizer)
+        state = ckpt.load_checkpoint(plan.resume_from, self.policy, self.optimizer)
         run_folder.check_same_data(state, self.data_fingerprint, plan.resume_from)
         sampler.load_state_dict(state["sampler"])
+        self.guard.load(
+            state.get("collapse_guard"), ckpt.load_extra_tensors(plan.resume_from, GUARD_TENSORS),
+            state["step"], self.policy, self.optimizer,
+        )
+        if self.guard.lr_scale != 1.0:  # the learning rate a rollback lowered stays lowered
+            self._set_optimizer(self.guard.lr_scale, self.optimizer.state)
         self._log(f"resumed from {plan.resume_from} at step {state['step']}")
         return RunState(state["step"], sampler, state.get("history", []), state.get("eval_before", {}))
 
@@ -456,18 +497,22 @@ class GRPOTrainer:
             for r in reporters:
                 r.log(0, run.eval_before)
 
-        loss_and_grad = nn.value_and_grad(self.model, self.loss_fn)
+        self.guard.start(run.step, self.policy, self.optimizer)
+        loss_and_grad = nn.value_and_grad(self.policy, self.loss_fn)
         interrupted, stop_reason, step = False, None, run.step
         try:
             bar = self.console.train_progress(cfg.num_steps, run.step, show=main)
             with GracefulStop(self._log) as signals, bar as advance:
                 for step in range(run.step + 1, cfg.num_steps + 1):
                     metrics, traj = self.train_step(step, run.sampler, loss_and_grad)
+                    verdict = self._watch(step, traj, metrics)
                     run.history.append({"step": step, **metrics})
                     if main:
                         self._report(step, metrics, run.history, reporters, rollout_log, traj)
                         advance(metrics)
-                    stop_reason = self._check_informative(step, traj, metrics)
+                        if verdict.action == "rollback":  # below the step line it is about
+                            self.console.alarm(verdict.message)
+                    stop_reason = verdict.message if verdict.action == "stop" else None
                     # Every rank stops at the same step when any of them got a stop signal.
                     interrupted = world.sum_floats(float(signals.requested))[0] > 0
                     last = interrupted or stop_reason is not None or step == cfg.num_steps
@@ -530,11 +575,14 @@ class GRPOTrainer:
         }
         if stop_reason:
             summary["ended early"] = f"at step {step} of {self.cfg.num_steps}: {stop_reason}"
+        if self.guard.rollbacks:
+            summary["collapse guard"] = "; ".join(e["message"] for e in self.guard.events)
         report = write_report(run_dir, run.history, summary)
         if not interrupted:
             run_folder.write_summary(run_dir, {
                 "steps": step, "eval_before": run.eval_before, "eval_after": eval_after,
                 **({"stop_reason": stop_reason} if stop_reason else {}),
+                **({"collapse_guard": self.guard.summary()} if self.guard.enabled else {}),
             })
         if stop_reason:
             self.console.alarm(f"run ended early at step {step} of {self.cfg.num_steps}: {stop_reason}")
@@ -547,11 +595,12 @@ class GRPOTrainer:
         state = {
             "sampler": run.sampler.state_dict(), "eval_before": run.eval_before,
             "history": run.history, "model_fingerprint": self.fingerprint,
-            "data_fingerprint": self.data_fingerprint,
+            "data_fingerprint": self.data_fingerprint, "collapse_guard": self.guard.state_dict(),
         }
         ckpt.save_checkpoint(
-            run_dir / "checkpoints", step, self.model, self.optimizer, self.cfg, state,
+            run_dir / "checkpoints", step, self.policy, self.optimizer, self.cfg, state,
             adapter_cfg=self.adapter_cfg, base_model_dir=self.model_dir,
+            extra_tensors=self.guard.checkpoint_tensors(step),
         )
 
 
