@@ -326,14 +326,16 @@ def test_the_watchdog_leaves_no_handler_behind():
 
 
 def _train_script(model, out, steps, extra=""):
+    # The tiny random model scores 0 on every completion of the default task, so the stop after
+    # max_uninformative_steps steps with nothing to learn (whose count a resume carries on) is off.
     return (
         "import mlx_rft\n"
         "from mlx_rft import GRPOConfig\n"
         "from mlx_rft.train.cli import main\n"
         f"main(['--model', {str(model)!r}, '--output-dir', {str(out)!r}, '--num-steps', '{steps}',"
         " '--max-new-tokens', '6', '--eval-size', '4', '--group-size', '2', '--prompts-per-step', '2',"
-        " '--lora-rank', '4', '--save-every', '100', '--task-size', '40', '--progress', 'false'"
-        f"{extra}])\n"
+        " '--lora-rank', '4', '--save-every', '100', '--task-size', '40', '--progress', 'false',"
+        f" '--max-uninformative-steps', '0'{extra}])\n"
     )
 
 
