@@ -7,7 +7,6 @@ trainer serves text and series rows. A time-series row's target is `<answer>labe
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from ..data.prompts import render_prompt, row_messages
 from ..data.readers import BadRow, read_raw_rows
 from ..errors import MlxRftError
 from ..timeseries.prompts import Encoded, encode_row
-from ..timeseries.rows import TSRow, read_ts_jsonl, ucr_rows
+from ..timeseries.rows import TSRow, is_series_jsonl, read_ts_jsonl, ucr_rows
 from .config import SFTConfig
 
 
@@ -31,18 +30,6 @@ class SFTData:
     classes: tuple[str, ...] = ()  # the answers to rank, when the task is classification
     baselines: dict[str, float] = field(default_factory=dict)  # accuracy of simple classifiers
     test_rows: list[TSRow] = field(default_factory=list)  # for the shuffle control
-
-
-def _is_series_file(path: Path) -> bool:
-    """A time-series JSONL row has a list prompt; chat rows have messages or a string prompt."""
-    with path.open("rb") as f:
-        for raw in f:
-            if raw.strip():
-                try:
-                    return isinstance(json.loads(raw).get("prompt"), list)
-                except (ValueError, AttributeError):
-                    return False
-    raise MlxRftError(f"{path} has no rows; write one JSON object per line")
 
 
 def _chat_example(tokenizer, value, where: str) -> Encoded:
@@ -94,7 +81,7 @@ def load_sft_data(cfg: SFTConfig, tokenizer) -> SFTData:
     path = Path(cfg.train_file)
     if not path.is_file():
         raise MlxRftError(f"--train-file {path} does not exist; pass a JSONL file of rows")
-    if _is_series_file(path):
+    if is_series_jsonl(path):
         rows = read_ts_jsonl(path)
         test_rows = read_ts_jsonl(cfg.eval_file) if cfg.eval_file else []
         answers = sorted({r.answer for r in rows})

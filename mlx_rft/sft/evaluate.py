@@ -62,19 +62,11 @@ def generate_texts(model: TimeSeriesLM, tokenizer, examples: Sequence[Encoded],
 def _same_length_batches(rows, model: TimeSeriesLM, size: int):
     """Row indices in batches of equal prompt length: no row needs padding, so the plain KV
     cache (one offset for the whole batch) is exact."""
-    lengths = [_length(r, model) for r in rows]
+    lengths = [model.prompt_length(r) for r in rows]
     for length in sorted(set(lengths)):
         same = [i for i, m in enumerate(lengths) if m == length]
         for j in range(0, len(same), size):
             yield same[j : j + size]
-
-
-def _length(pieces, model: TimeSeriesLM) -> int:
-    from ..timeseries.encoder import num_patches
-
-    p = model.config.patch_size if model.config else 1
-    return sum(num_patches(len(x), p) if np.issubdtype(x.dtype, np.floating) else len(x)
-               for x in pieces)
 
 
 def _greedy(model, rows, prefix, max_new, eos, tokenizer) -> list[str]:

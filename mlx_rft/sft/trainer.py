@@ -217,7 +217,7 @@ class SFTTrainer:
         pieces = [self.prefix.strip(train[i].pieces) for i in idx]
         answers = [train[i].answer_ids for i in idx]
         tic = time.perf_counter()
-        lengths = [ev._length(p, self.model) + len(a) for p, a in zip(pieces, answers)]
+        lengths = [self.model.prompt_length(p) + len(a) for p, a in zip(pieces, answers)]
         total_answer = sum(len(a) for a in answers)
         loss = grads = None
         for part in micro_batches(lengths, cfg.max_batch_tokens):
@@ -238,7 +238,7 @@ class SFTTrainer:
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.parameters(), self.optimizer.state, loss, total, norms)
         seconds = time.perf_counter() - tic
-        prompt_tokens = sum(ev._length(p, self.model) for p in pieces) + len(idx) * self.prefix.length
+        prompt_tokens = sum(self.model.prompt_length(p) for p in pieces) + len(idx) * self.prefix.length
         # The encoder's learning rate when there is one, else the LLM's.
         lr = self.optimizer.optimizers[1 if self.model.config is not None else 0].learning_rate
         return {

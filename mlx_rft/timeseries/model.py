@@ -117,6 +117,11 @@ class TimeSeriesLM(nn.Module):
             padded.append(s)
         return mx.stack(padded), lengths
 
+    def prompt_length(self, pieces: Sequence) -> int:
+        """Positions a prompt takes: its tokens plus ceil(T / patch_size) per channel."""
+        p = self.config.patch_size if self.config else 1
+        return sum(num_patches(len(x), p) if _is_channel(x) else len(x) for x in pieces)
+
     def placeholder_ids(self, pieces: Sequence) -> list[int]:
         return placeholder_ids(pieces, self.config.patch_size if self.config else 1)
 

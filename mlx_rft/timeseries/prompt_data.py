@@ -18,17 +18,15 @@ from ..types import PromptExample
 from .encoder import EncoderConfig
 from .model import read_config
 from .prompts import MARKER, encode_row, user_turn
-from .rows import TSRow, read_ts_jsonl, ucr_rows
+from .rows import TSRow, is_series_jsonl, read_ts_jsonl, ucr_rows
 from .model import placeholder_ids
 
 
 def is_series_source(task: str | None, train_file: str | None) -> bool:
     """A ucr:<Name> task, or a JSONL file whose first row has a list prompt (text + series)."""
     if train_file:
-        from ..sft.data import _is_series_file
-
         path = Path(train_file)
-        return path.is_file() and path.suffix == ".jsonl" and _is_series_file(path)
+        return path.is_file() and path.suffix == ".jsonl" and is_series_jsonl(path)
     return bool(task) and task.startswith("ucr:")
 
 

@@ -93,13 +93,3 @@ def encode_row(tokenizer, row: TSRow, as_text: bool = False) -> Encoded:
 
 def _tokens(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
-
-
-def prompt_length(enc: Encoded, patch_size: int) -> int:
-    """Positions the prompt takes: its tokens plus ceil(T / patch_size) per channel."""
-    from .encoder import num_patches
-
-    n = 0
-    for p in enc.pieces:
-        n += num_patches(len(p), patch_size) if np.issubdtype(p.dtype, np.floating) else len(p)
-    return n

@@ -272,6 +272,18 @@ def _line_row(raw: bytes, base: Path) -> TSRow | None:
     return _parse_row(obj, base)
 
 
+def is_series_jsonl(path: Path) -> bool:
+    """A time-series JSONL row has a list prompt; chat rows have messages or a string prompt."""
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    return isinstance(json.loads(raw).get("prompt"), list)
+                except (ValueError, AttributeError):
+                    return False
+    raise MlxRftError(f"{path} has no rows; write one JSON object per line")
+
+
 def read_ts_jsonl(path: str | Path) -> list[TSRow]:
     """Rows of a JSONL file, one {"prompt": [...], "answer": "..."} object per line.
 
