@@ -76,6 +76,22 @@ class GRPOConfig:
     on_long_prompt: str = _f("error", "error | skip | truncate: prompts over max_prompt_length")
     on_bad_row: str = _f("error", "error | skip: what to do with a malformed data row")
 
+    # --- episodes (multi-turn) ---
+    env: str | None = _f(
+        None, "multi-turn episodes with an environment: a built-in (arithmetic, guess) or "
+        "module:Class; its rows come from the environment unless --task/--train-file gives them"
+    )
+    tools: list[str] = _f(
+        [], "tools the model may call in multi-turn episodes: built-ins (calculator, python) or "
+        "module:function; with --task/--train-file rows, the task's rewards score the last turn"
+    )
+    max_turns: int = _f(4, "multi-turn episodes: model turns per episode")
+    max_episode_tokens: int = _f(
+        768, "multi-turn episodes: model + environment tokens per episode after the prompt "
+        "(--max-new-tokens bounds each turn)"
+    )
+    tool_timeout: float = _f(10.0, "seconds one tool call may run before it is answered with an error")
+
     # --- rewards ---
     reward_funcs: list[str] = _f(
         [], "rewards: built-in names or module:function / file.py:function (empty = the task's own)"
@@ -320,6 +336,9 @@ class GRPOConfig:
         need(self.reward_timeout >= 0, f"reward_timeout={self.reward_timeout} must be >= 0 (0 = no limit)")
         need(self.max_unscored_steps >= 0, f"max_unscored_steps={self.max_unscored_steps} must be >= 0")
         need(self.task_size >= 1, f"task_size={self.task_size} must be >= 1")
+        need(self.max_turns >= 1, f"max_turns={self.max_turns} must be >= 1")
+        need(self.max_episode_tokens >= 2, f"max_episode_tokens={self.max_episode_tokens} must be >= 2")
+        need(self.tool_timeout > 0, f"tool_timeout={self.tool_timeout} must be > 0 seconds")
         need(self.eval_size >= 1, f"eval_size={self.eval_size} must be >= 1")
         need(self.max_prompt_length >= 1, f"max_prompt_length={self.max_prompt_length} must be >= 1")
         need(self.eval_k >= 1, f"eval_k={self.eval_k} must be >= 1")

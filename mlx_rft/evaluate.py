@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -38,7 +39,7 @@ def evaluate_prompts(
     seed: int = 0,
     batch_rows: int = 64,
     progress: Callable[[int], None] | None = None,
-    embed: Callable[[list[PromptExample]], Any] | None = None,
+    generate: Callable[..., Any] | None = None,
 ) -> dict[str, float]:
     """Mean score of `reward_set` over k samples per prompt, and pass@k (a sample is correct when
     its score is >= 1). k = 1 with temperature 0 is greedy pass@1.
@@ -52,23 +53,31 @@ def evaluate_prompts(
     every prompt with one and the same answer; see `constant_answer_baseline`).
 
     progress(n), when given, is called after each batch of prompts with the n prompts it scored
-    (a progress bar's advance). embed(examples), when given, returns the prompts' left-padded input
-    embeddings (prompts with soft tokens, e.g. time series)."""
+    (a progress bar's advance). generate(examples, k, sampling, seed=...), when given, makes the
+    RolloutBatch instead of `generate_rollouts` on the prompt ids (the trainer's: prompts with soft
+    tokens, multi-turn episodes, whose records reach the rewards as the `episode` column)."""
     from .rollout import generate_rollouts
 
     scores, t0 = [], time.perf_counter()
-    unscored, first_texts = 0, []
+    unscored, first_texts, first_episodes = 0, [], []
     per_call = max(1, batch_rows // k)
     for i in range(0, len(examples), per_call):
         chunk = list(examples[i : i + per_call])
-        kw = {"prompt_embeddings": embed(chunk)} if embed is not None else {}
-        ro = generate_rollouts(model, tokenizer, [e.prompt_ids for e in chunk], k, sampling,
-                               seed=seed + i, **kw)
+        if generate is not None:
+            ro = generate(chunk, k, sampling, seed=seed + i)
+        else:
+            ro = generate_rollouts(model, tokenizer, [e.prompt_ids for e in chunk], k, sampling,
+                                   seed=seed + i)
         prompts = [e.prompt for e in chunk for _ in range(k)]
-        result = reward_set(prompts, ro.texts, columns_per_row(chunk, k))
+        columns = columns_per_row(chunk, k)
+        if ro.episodes is not None:
+            columns["episode"] = ro.episodes
+        result = reward_set(prompts, ro.texts, columns)
         unscored += result.num_unscored
         scores.append(np.nan_to_num(np.asarray(result.total, dtype=np.float64), nan=0.0))
         first_texts += ro.texts[::k]
+        if ro.episodes is not None:
+            first_episodes += ro.episodes[::k]
         if progress is not None:
             progress(len(chunk))
     s = np.concatenate(scores).reshape(-1, k)
@@ -79,7 +88,9 @@ def evaluate_prompts(
     if all("answer" in e.columns for e in examples) and not reward_set.has_judge:
         answers = [final_answer(t) for t in first_texts]
         out["eval/distinct_answers"] = float(len({a for a in answers if a is not None}))
-        out["eval/constant_baseline"] = constant_answer_baseline(reward_set, examples, answers)
+        out["eval/constant_baseline"] = constant_answer_baseline(
+            reward_set, examples, answers, episodes=first_episodes or None
+        )
     out["eval/time"] = time.perf_counter() - t0
     return out
 
@@ -93,20 +104,29 @@ def final_answer(text: str) -> str | None:
 
 
 def constant_answer_baseline(
-    reward_set, examples: Sequence[PromptExample], model_answers: Sequence[str | None], limit: int = 16
+    reward_set, examples: Sequence[PromptExample], model_answers: Sequence[str | None], limit: int = 16,
+    episodes: Sequence[Any] | None = None,
 ) -> float:
     """The best mean score one prompt-independent answer gets on these prompts.
 
     Candidates: the `limit` most common reference answers and the `limit` most common answers the
     model gave, each written as `<answer>c</answer>` for every prompt and scored by reward_set.
-    A held-out score at or below this is no gain over always giving the most common answer."""
+    A held-out score at or below this is no gain over always giving the most common answer.
+    With `episodes` (one per prompt, multi-turn), each is scored as an episode of one turn that
+    gives the answer at once, by its own environment."""
     refs = Counter(str(e.columns["answer"]) for e in examples if e.columns.get("answer") is not None)
     mine = Counter(a for a in model_answers if a)
     candidates = dict.fromkeys([a for a, _ in refs.most_common(limit)] + [a for a, _ in mine.most_common(limit)])
     prompts, columns = [e.prompt for e in examples], columns_per_row(examples, 1)
     best = 0.0
     for c in candidates:
-        result = reward_set(prompts, [f"<answer>{c}</answer>"] * len(examples), columns)
+        text = f"<answer>{c}</answer>"
+        if episodes is not None:
+            columns["episode"] = [
+                dataclasses.replace(e, messages=[*e.messages[: e.opening], {"role": "assistant", "content": text}])
+                for e in episodes
+            ]
+        result = reward_set(prompts, [text] * len(examples), columns)
         best = max(best, float(np.nan_to_num(result.total, nan=0.0).mean()))
     return best
 

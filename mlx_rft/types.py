@@ -74,13 +74,15 @@ class RolloutBatch:
 
     prompt_ids: list[list[int]]  # B lists of prompt token ids (unpadded)
     completion_ids: mx.array  # [N, T] int32, right-padded (pad value unspecified: use the mask)
-    completion_mask: mx.array  # [N, T] float32, 1 for generated tokens (EOS included), 0 for padding
+    completion_mask: mx.array  # [N, T] float32, 1 for sampled tokens (EOS included), 0 for padding
+    # and for the environment's replies between the turns of multi-turn episodes
     logprobs: mx.array  # [N, T] float32, log_softmax(logits / temperature)[token], 0 at padding
     truncated_logprobs: mx.array | None  # [N, T] log-prob under the top-k/top-p/min-p truncated dist
     texts: list[str]  # N decoded completions (EOS removed; stop string removed unless include_stop)
     finish_reasons: list[str]  # N, "stop" (EOS or stop string) or "length" (max_new_tokens)
     group_index: list[int]  # N, the prompt index b of each row
     group_size: int  # G
+    episodes: list | None = None  # N episode records (mlx_rft.episodes.Episode) of multi-turn rows
 
     @property
     def num_rows(self) -> int:
@@ -106,6 +108,7 @@ class RolloutBatch:
             finish_reasons=[self.finish_reasons[r] for r in rows],
             group_index=[b for b in range(len(groups)) for _ in range(G)],
             group_size=G,
+            episodes=None if self.episodes is None else [self.episodes[r] for r in rows],
         )
 
     @staticmethod
@@ -138,6 +141,10 @@ class RolloutBatch:
             finish_reasons=[r for b in batches for r in b.finish_reasons],
             group_index=[g for g in range(len(prompts)) for _ in range(G)],
             group_size=G,
+            episodes=(
+                [e for b in batches for e in b.episodes]
+                if all(b.episodes is not None for b in batches) else None
+            ),
         )
 
 

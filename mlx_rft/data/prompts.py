@@ -69,6 +69,7 @@ def render_prompt(
     *,
     system_prompt: str | None = None,
     use_chat_template: bool | None = None,
+    tools: list[dict] | None = None,
 ) -> tuple[str, list[int]]:
     """(text, token ids) of a prompt ready for generation.
 
@@ -77,6 +78,8 @@ def render_prompt(
     with a system message. The rendered text already holds any BOS the template writes, so it is
     encoded without adding special tokens (adding them again would give a double BOS).
     Without a template a plain prompt string is encoded as-is, with the tokenizer's own specials.
+    `tools` (function schemas) go to the template's `tools=` argument (templates that do not use
+    it ignore them).
     """
     if use_chat_template is None:
         use_chat_template = _has_chat_template(tokenizer)
@@ -89,7 +92,8 @@ def render_prompt(
         messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}] + messages
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        kw = {"tools": tools} if tools else {}
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kw)
         ids = tokenizer.encode(text, add_special_tokens=False)
         return text, list(ids)
     if not isinstance(content, str):

@@ -9,7 +9,13 @@ per-row RoPE offsets, padding masked out) and adds what a GRPO rollout needs:
   positions at a time);
 * `filter(keep)`: drop finished rows without a host sync (the left padding is mirrored on the
   host, where mlx-lm's version calls `.tolist()` on a device array for every layer);
-* `make_mask`: no mask array at all while no row is padded (decoding a single prompt's group).
+* `make_mask`: no mask array at all while no row is padded (decoding a single prompt's group);
+* `select`, `drop_last`, `extend`: what multi-turn episodes need to feed an environment's reply
+  into the rows that wait for one (see rollout/turns.py): copy those rows out, forget positions
+  they were fed while riding along after their turn ended, prefill the replies right-padded, drop
+  the padding, and put the rows back. Dropped positions become left padding (a roll of each row,
+  as mlx-lm's `BatchKVCache.finalize` does for right-padded prompts), so RoPE positions and the
+  mask stay right without touching other rows.
 """
 
 from __future__ import annotations
@@ -70,6 +76,54 @@ class RolloutKVCache(BatchKVCache):
         self._left_host = [l - shift for l in left]
         self.left_padding = mx.array(self._left_host)
         self._idx -= shift
+
+    def select(self, batch_indices: list[int]) -> "RolloutKVCache":
+        """A new cache holding copies of the rows in `batch_indices` (this one is unchanged)."""
+        out = RolloutKVCache(list(self._left_host))
+        out.keys, out.values = self.keys[..., : self._idx, :], self.values[..., : self._idx, :]
+        out.offset, out._idx = self.offset, self._idx
+        out.filter(batch_indices)
+        return out
+
+    def drop_last(self, counts: list[int]) -> None:
+        """Forget the last `counts[i]` cached positions of row i (they become left padding)."""
+        if not any(counts):
+            return
+        shifts = mx.array(counts)
+        n = self._idx
+        idx = (mx.arange(n)[None, :] - shifts[:, None]) % n  # [B, n]: position j reads j - count
+        idx = idx[:, None, :, None]
+        self.keys = mx.take_along_axis(self.keys[..., :n, :], idx, axis=2)
+        self.values = mx.take_along_axis(self.values[..., :n, :], idx, axis=2)
+        self.offset = self.offset - shifts
+        self._left_host = [l + c for l, c in zip(self._left_host, counts)]
+        self.left_padding = mx.array(self._left_host)
+        shift = min(self._left_host)
+        if shift:
+            self.keys, self.values = self.keys[..., shift:, :], self.values[..., shift:, :]
+            self._left_host = [l - shift for l in self._left_host]
+            self.left_padding = mx.array(self._left_host)
+            self._idx -= shift
+
+    def extend(self, other: "RolloutKVCache") -> None:
+        """Append the rows of `other` (both right-aligned at the longer one's length)."""
+        width = max(self._idx, other._idx)
+
+        def aligned(c):
+            k, v = c.keys[..., : c._idx, :], c.values[..., : c._idx, :]
+            pad = width - c._idx
+            if pad:
+                k = mx.pad(k, [(0, 0), (0, 0), (pad, 0), (0, 0)])
+                v = mx.pad(v, [(0, 0), (0, 0), (pad, 0), (0, 0)])
+            return k, v, [l + pad for l in c._left_host]
+
+        k1, v1, l1 = aligned(self)
+        k2, v2, l2 = aligned(other)
+        self.keys, self.values = mx.concatenate([k1, k2]), mx.concatenate([v1, v2])
+        self.offset = mx.concatenate([self.offset, other.offset])
+        self._left_host = l1 + l2
+        self.left_padding = mx.array(self._left_host)
+        self._idx = width
 
 
 def make_rollout_cache(model, left_padding: list[int]) -> list[RolloutKVCache]:

@@ -15,6 +15,12 @@ Stopping (per row, first match wins): an EOS id of the tokenizer (any of
 `tokenizer.eos_token_ids`) -> "stop", kept in the mask; a stop string in the decoded text ->
 "stop", cut as described in `stopping.py`; `max_new_tokens` tokens -> "length".
 
+Episodes (`turns=`, see turns.py): a row's turn that stops does not end the row; the handler
+returns the environment's reply as token ids, the row waits (riding along like a finished row)
+until the next compaction, where the waiting rows' replies are prefilled into their own cache
+rows and they rejoin the batch. The mask is 1 on sampled tokens only, so the reply tokens carry
+no loss. `max_new_tokens` then limits each turn, and the handler's `max_tokens` the whole row.
+
 Randomness: all draws come from an explicit key, `mx.random.key(seed)` split once per step,
 so MLX's global PRNG is left untouched when `seed` is given and a fixed seed reproduces the same
 completions for the same inputs. With `seed=None` one number is drawn from the global PRNG
@@ -23,6 +29,7 @@ completions for the same inputs. With `seed=None` one number is drawn from the g
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +43,7 @@ from ..types import RolloutBatch, SamplingConfig
 from .cache import make_rollout_cache
 from .sampling import TokenSampler, penalty_counts, step_uniforms, validate_sampling
 from .stopping import StopStringMatcher
+from .turns import TurnHandler, feed_replies
 
 PREFILL_STEP_SIZE = 512
 
@@ -51,6 +59,8 @@ class RolloutStats:
     compactions: int = 0  # times finished rows were dropped from the batch
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    env_tokens: int = 0  # environment tokens fed between turns (episodes)
+    reply_feeds: int = 0  # batched prefills of waiting rows' replies (episodes)
 
     @property
     def completion_tokens_per_second(self) -> float:
@@ -124,6 +134,7 @@ def generate_rollouts(
     prefill_step_size: int = PREFILL_STEP_SIZE,
     stats: RolloutStats | None = None,
     prompt_embeddings: mx.array | None = None,
+    turns: TurnHandler | None = None,
 ) -> RolloutBatch:
     """Sample `group_size` completions for each prompt in one batched decode loop.
 
@@ -144,6 +155,9 @@ def generate_rollouts(
         prompt_embeddings: [B, P, H] input embeddings of the prompts, left-padded to the longest
             (P), used in the prefill instead of the ids' embeddings: prompts with soft tokens
             (time series), whose ids hold placeholders there.
+        turns: make each row a multi-turn episode (see the module docstring and turns.py); row n's
+            completion then holds its turns and the environment's replies between them, with
+            the mask 0 on the replies, and `texts[n]` is its last turn's text.
 
     Returns:
         RolloutBatch with N = B * G rows; `logprobs` are log_softmax(logits / T) of the sampled
@@ -203,6 +217,11 @@ def generate_rollouts(
 
         protected = set(eos_ids) | set(tokenizer.encode("\n", add_special_tokens=False))
         sampler = TokenSampler(sampling, vocab_size, protected_ids=sorted(protected))
+        if turns is not None and sampler.uses_penalties:
+            raise MlxRftError(
+                "repetition, presence and frequency penalties are not supported in multi-turn "
+                "episodes; set them to their defaults (repetition_penalty 1, the others 0)"
+            )
 
         # Penalty context: the last C tokens of prompt + completion per row, as [N, C] ids + validity.
         context = valid = None
@@ -240,11 +259,18 @@ def generate_rollouts(
         out_lp: list[list[float]] = [[] for _ in range(N)]
         out_tlp: list[list[float]] = [[] for _ in range(N)]
         finish: list[str | None] = [None] * N
-        riding = 0  # finished rows still in the batch (dropped at the next compaction)
+        riding = 0  # finished or waiting rows still in the batch (dropped at the next compaction)
+        # Episodes: where each row's current turn starts, the reply tokens' positions (mask 0),
+        # positions fed into each row's cache after its prompt, and the rows waiting for a reply
+        # (row -> its length before the reply).
+        turn_start = [0] * N
+        env_pos: list[list[int]] = [[] for _ in range(N)]
+        fed = [0] * N
+        waiting: dict[int, int] = {}
 
-        for step in range(max_new):
+        for step in itertools.count():
             nxt = None
-            if step + 1 < max_new:
+            if turns is not None or step + 1 < max_new:
                 # Queue step t+1 before reading step t (rows that turn out finished ride along).
                 step_logits = model(cur.tokens[:, None], cache=cache)[:, -1, :]
                 key, sub = mx.random.split(key)
@@ -252,35 +278,86 @@ def generate_rollouts(
                 mx.async_eval(nxt.tokens, nxt.logprobs, nxt.truncated_logprobs)
                 stats.decode_steps += 1
                 stats.row_steps += len(rows)
+                for r in rows:
+                    fed[r] += 1
 
             toks = cur.tokens.tolist()
             lps = cur.logprobs.tolist()
             tlps = cur.truncated_logprobs.tolist()
             for i, r in enumerate(rows):
-                if finish[r] is not None:
+                if finish[r] is not None or r in waiting:
                     continue
                 t = toks[i]
                 out_ids[r].append(t)
                 out_lp[r].append(lps[i])
                 out_tlp[r].append(tlps[i])
-                if t in eos_ids or (stopper and stopper.completed(out_ids[r])):
-                    finish[r] = "stop"
-                elif len(out_ids[r]) >= max_new:
-                    finish[r] = "length"
-                if finish[r] is not None:
-                    riding += 1
+                used, start = len(out_ids[r]), turn_start[r]
+                if t in eos_ids or (stopper and stopper.completed(out_ids[r][max(start, used - stopper.window) :])):
+                    reason = "stop"
+                elif used - start >= max_new:
+                    reason = "length"
+                elif turns is not None and used >= turns.max_tokens:
+                    reason = "tokens"
+                else:
+                    continue
+                riding += 1
+                if turns is not None:
+                    turn = out_ids[r][start:]
+                    text = _turn_text(tokenizer, turn, reason, eos_ids, stopper)
+                    reply = turns.end_turn(r, turn, text, reason, used)
+                    if reply:
+                        waiting[r] = len(out_ids[r])
+                        env_pos[r].extend(range(len(out_ids[r]), len(out_ids[r]) + len(reply)))
+                        out_ids[r].extend(reply)
+                        out_lp[r].extend([0.0] * len(reply))
+                        out_tlp[r].extend([0.0] * len(reply))
+                        turn_start[r] = len(out_ids[r])
+                        continue
+                finish[r] = "stop" if reason == "stop" else "length"
 
-            if nxt is None or riding == len(rows):
+            if nxt is None or (riding == len(rows) and not waiting):
                 break
-            if _compact_due(riding, len(rows)):
-                keep = [i for i, r in enumerate(rows) if finish[r] is None]
-                for c in cache:
-                    c.filter(keep)
-                idx = mx.array(keep)
-                nxt = type(nxt)(nxt.tokens[idx], nxt.logprobs[idx], nxt.truncated_logprobs[idx])
-                if next_context is not None:
-                    next_context, next_valid = next_context[idx], next_valid[idx]
-                rows = [rows[i] for i in keep]
+            if riding == len(rows) or _compact_due(riding, len(rows)):
+                keep = [i for i, r in enumerate(rows) if finish[r] is None and r not in waiting]
+                back = [i for i, r in enumerate(rows) if r in waiting]
+                if back:
+                    back_rows = [rows[i] for i in back]
+                    back_cache = [c.select(back) for c in cache]
+                    # A waiting row was fed the tokens sampled after its turn ended (garbage to
+                    # forget), or, if its turn ended at the last queued step, not yet all of it.
+                    drop = [max(0, fed[r] - waiting[r]) for r in back_rows]
+                    pending = [out_ids[r][min(fed[r], waiting[r]) :] for r in back_rows]
+                    back_logits = feed_replies(model, back_cache, pending, drop)
+                    key, sub = mx.random.split(key)
+                    back_out, _, _ = sample(back_logits, sub, mx.array(back_rows), None, None)
+                    for r, p in zip(back_rows, pending):
+                        fed[r] = len(out_ids[r])
+                        stats.env_tokens += len(out_ids[r]) - waiting[r]
+                        del waiting[r]
+                    stats.reply_feeds += 1
+                if keep:
+                    for c in cache:
+                        c.filter(keep)
+                    idx = mx.array(keep)
+                    nxt = type(nxt)(nxt.tokens[idx], nxt.logprobs[idx], nxt.truncated_logprobs[idx])
+                    if next_context is not None:
+                        next_context, next_valid = next_context[idx], next_valid[idx]
+                    rows = [rows[i] for i in keep]
+                else:
+                    cache, rows = None, []
+                if back:
+                    if cache is None:
+                        cache, nxt = back_cache, back_out
+                    else:
+                        for c, b in zip(cache, back_cache):
+                            c.extend(b)
+                        nxt = type(nxt)(*(
+                            mx.concatenate([a, b]) for a, b in zip(
+                                (nxt.tokens, nxt.logprobs, nxt.truncated_logprobs),
+                                (back_out.tokens, back_out.logprobs, back_out.truncated_logprobs),
+                            )
+                        ))
+                    rows = rows + back_rows
                 live = mx.array(rows)
                 riding = 0
                 stats.compactions += 1
@@ -291,11 +368,21 @@ def generate_rollouts(
         del cache, cur, nxt
         stats.decode_seconds += time.perf_counter() - tic
         return _assemble(
-            tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, stopper, stats
+            tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, stopper, stats,
+            turn_start, env_pos,
         )
 
 
-def _assemble(tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, stopper, stats):
+def _turn_text(tokenizer, turn, reason, eos_ids, stopper) -> str:
+    """A turn's text: EOS removed, cut at the stop string that ended it."""
+    body = turn[:-1] if turn and turn[-1] in eos_ids and reason == "stop" else turn
+    text = tokenizer.decode(list(body))
+    return stopper.cut(text) if stopper and reason == "stop" else text
+
+
+def _assemble(
+    tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, stopper, stats, turn_start, env_pos
+):
     N = len(out_ids)
     T = max(len(t) for t in out_ids)
     ids = np.zeros((N, T), np.int32)
@@ -307,13 +394,10 @@ def _assemble(tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, 
         k = len(out_ids[n])
         ids[n, :k] = out_ids[n]
         mask[n, :k] = 1.0
+        mask[n, env_pos[n]] = 0.0
         lp[n, :k] = out_lp[n]
         tlp[n, :k] = out_tlp[n]
-        body = out_ids[n]
-        if body and body[-1] in eos_ids and finish[n] == "stop":
-            body = body[:-1]
-        text = tokenizer.decode(body)
-        texts.append(stopper.cut(text) if stopper and finish[n] == "stop" else text)
+        texts.append(_turn_text(tokenizer, out_ids[n][turn_start[n] :], finish[n], eos_ids, stopper))
     stats.completion_tokens += int(mask.sum())
     return RolloutBatch(
         prompt_ids=[list(p) for p in prompts],

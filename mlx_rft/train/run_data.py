@@ -10,6 +10,7 @@ scores with the first one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,10 @@ from ..data.hf import EVAL_SPLITS, first_split, saved_splits, take_splits
 from ..data.tasks import DEFAULT_TASK, load_task
 from ..errors import MlxRftError
 from ..rewards import RewardSet, resolve_reward
+from ..episodes.data import (
+    EpisodeSetup, environment_reward, environment_rows, episode_dataset, episode_setup, has_own_reward,
+)
+from ..episodes.envs import resolve_env
 from ..timeseries.prompt_data import (
     encoder_patch_size, held_out_subset, is_series_source, series_datasets,
 )
@@ -33,6 +38,7 @@ class RunData:
     eval: PromptDataset
     rewards: RewardSet  # the training reward (weighted sum of the functions)
     eval_reward: RewardSet  # the first function alone: the held-out score (pass@k counts >= 1)
+    episodes: EpisodeSetup | None = None  # multi-turn episodes (--env / --tools)
 
 
 def build_run_data(
@@ -45,6 +51,8 @@ def build_run_data(
     """train_rows / eval_rows: row dicts, a `datasets.Dataset`, or a `DatasetDict` (its splits)."""
     if train_rows is None and eval_rows is None and is_series_source(cfg.task, cfg.train_file):
         return _series_run_data(cfg, tokenizer, reward_specs)
+    if cfg.env or cfg.tools:
+        return _episode_run_data(cfg, tokenizer, train_rows, eval_rows, reward_specs)
     task = None
     train_rows, train_src, eval_rows, eval_src = take_splits(train_rows, eval_rows)
     rows = train_rows
@@ -95,6 +103,35 @@ def _series_run_data(cfg: GRPOConfig, tokenizer, reward_specs) -> RunData:
         evals = evals.subset(held_out_subset(len(evals), cfg.eval_size))
     specs = list(reward_specs) or list(cfg.reward_funcs) or [SERIES_REWARD]
     return RunData(train, evals, *_reward_sets(cfg, specs, None))
+
+
+def _episode_run_data(cfg: GRPOConfig, tokenizer, train_rows, eval_rows, reward_specs) -> RunData:
+    """Multi-turn episodes: prompts from each row's environment opening (episodes/data.py)."""
+    setup = episode_setup(cfg, tokenizer)
+    env_cls = resolve_env(cfg.env) if cfg.env else None
+    plain = train_rows is None and cfg.task is None and cfg.train_file is None
+    if plain and env_cls is not None:
+        rows, held = environment_rows(cfg, env_cls)
+        task = None
+    else:
+        # The task's (or given) rows, rendered as usual first, so bad rows get the usual errors.
+        base = build_run_data(
+            dataclasses.replace(cfg, env=None, tools=[]), tokenizer, train_rows, eval_rows, reward_specs
+        )
+        rows = [e.columns for e in base.train]
+        held = [e.columns for e in base.eval]
+        task = base
+    opts = dict(max_prompt_length=cfg.max_prompt_length)
+    train = episode_dataset(rows, tokenizer, setup, source=setup.name, **opts)
+    evals = episode_dataset(held, tokenizer, setup, source=f"{setup.name} (held out)", **opts)
+    specs = list(reward_specs) or list(cfg.reward_funcs)
+    if not specs and env_cls is not None and has_own_reward(env_cls):
+        specs = [environment_reward()]
+    if specs or task is None:
+        rewards, eval_reward = _reward_sets(cfg, specs, None)
+    else:
+        rewards, eval_reward = task.rewards, task.eval_reward
+    return RunData(train, evals, rewards, eval_reward, episodes=setup)
 
 
 def _reward_sets(cfg: GRPOConfig, reward_specs, task) -> tuple[RewardSet, RewardSet]:

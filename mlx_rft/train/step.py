@@ -26,6 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..algo.advantages import AdvantageResult
+from ..episodes.runner import episode_metrics
 from ..algo.losses import compute_loss
 from ..config import GRPOConfig
 from ..policy.checkpointing import checkpointed_layers
@@ -217,10 +218,12 @@ def step_metrics(
 ) -> dict[str, Any]:
     """One metrics row for the step (rank-local; the trainer all-reduces what must be global)."""
     ro, adv, G = traj.rollouts, traj.advantages.advantages, traj.group_size
-    lengths = np.asarray(ro.completion_mask.sum(axis=1))
+    lengths = np.asarray(ro.completion_mask.sum(axis=1))  # sampled tokens
     gen_tokens = float(lengths.sum())
     prompts = traj.prompt_ids
-    trained_tokens = float(lengths[rows].sum()) + sum(len(prompts[r // G]) for r in rows[::G])
+    # Tokens the update runs over: episodes' environment replies too (fed, not trained on).
+    extent = lengths + np.array([e.env_tokens for e in ro.episodes]) if ro.episodes else lengths
+    trained_tokens = float(extent[rows].sum()) + sum(len(prompts[r // G]) for r in rows[::G])
     t = traj.seconds
     reward_stats = traj.rewards.summary()
     if traj.drawn_rewards is not None:
@@ -250,6 +253,7 @@ def step_metrics(
         **upd.as_metrics(),
         "tokens/completion": gen_tokens,  # all generated tokens, not only those in the update
         **traj.sampling,
+        **(episode_metrics(ro.episodes) if ro.episodes else {}),
     }
 
 
@@ -280,6 +284,7 @@ def rollout_records(step: int, traj: Trajectory) -> list[dict[str, Any]]:
             "reward": _num(rw.total[i]), "advantage": float(traj.advantages.advantages[i]),
             "finish_reason": traj.rollouts.finish_reasons[i],
             **{f"reward/{k}": _num(v[i]) for k, v in rw.per_func.items()},
+            **({"episode": traj.rollouts.episodes[i].as_record()} if traj.rollouts.episodes else {}),
         }
         for i, text in enumerate(traj.rollouts.texts)
     ]

@@ -142,6 +142,7 @@ class GRPOTrainer:
         self.eval_data: PromptDataset | None = None
         self.rewards: RewardSet | None = None
         self.eval_reward: RewardSet | None = None
+        self.episodes = None  # an EpisodeSetup for multi-turn episodes (--env / --tools)
         # ... and the run's watchers.
         self.health = HealthMonitor(log_warnings=False)
         self.guard = CollapseGuard(self.cfg)  # counts steps with nothing to learn; rolls back
@@ -197,6 +198,7 @@ class GRPOTrainer:
         if data.train.skipped_bad:
             self._log(f"skipped {data.train.skipped_bad} malformed rows of {data.train.source}")
         self.train_data, self.eval_data = data.train, data.eval
+        self.episodes = data.episodes
         self.data_fingerprint = run_folder.data_fingerprint(data.train)  # checked on resume
         self.rewards, self.eval_reward = data.rewards, data.eval_reward
 
@@ -208,14 +210,22 @@ class GRPOTrainer:
         return self.policy.embed([e.pieces for e in examples], pad_left=True)[0]
 
     def generate(self, examples: Sequence[PromptExample], group_size: int, sampling, seed, **kw) -> RolloutBatch:
+        """G samples of each example: completions, or episodes with their environments."""
         emb = self.embed(examples)
         if emb is not None:
             kw["prompt_embeddings"] = emb
+        runner = None
+        if self.episodes:
+            runner = self.episodes.runner(list(examples), group_size)
+            sampling = self.episodes.sampling(sampling)
         with adapters_fused(self.model):
-            return generate_rollouts(
+            rollouts = generate_rollouts(
                 self.model, self.tokenizer, [e.prompt_ids for e in examples], group_size, sampling,
-                seed=seed, **kw,
+                seed=seed, turns=runner, **kw,
             )
+        if runner is not None:
+            rollouts.episodes = runner.episodes
+        return rollouts
 
     def score(self, reward_set: RewardSet, examples, rollouts: RolloutBatch) -> RewardResult:
         """Run every reward function once on the step's completions."""
@@ -223,6 +233,8 @@ class GRPOTrainer:
         columns = columns_per_row(examples, rollouts.group_size)
         ids, mask = np.asarray(rollouts.completion_ids), np.asarray(rollouts.completion_mask)
         columns["completion_ids"] = [row[m > 0].tolist() for row, m in zip(ids, mask)]
+        if rollouts.episodes is not None:
+            columns["episode"] = rollouts.episodes
         return reward_set(prompts, rollouts.texts, columns)
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -237,7 +249,7 @@ class GRPOTrainer:
             out = evaluate_prompts(
                 self.model, self.tokenizer, list(self.eval_data), self.eval_reward,
                 k=cfg.eval_k, sampling=sampling, seed=step_seed(cfg.seed, 0, salt=17), progress=advance,
-                embed=self.embed if self.policy is not self.model else None,
+                generate=self.generate if self.policy is not self.model or self.episodes else None,
             )
         if out["eval/unscored"]:
             self.console.warn(
