@@ -370,3 +370,23 @@ def test_default_model_tool_episodes_logprobs_equal_teacher_forced(default_model
         assert whole <= 2e-4, whole
         lp, _ = sequence_logprobs(model, prompts, batch.completion_ids, batch.completion_mask, 2, T)
         assert float(mx.abs((lp - batch.logprobs) * batch.completion_mask).max()) <= 1e-4
+
+
+def test_tools_on_task_rows_keep_the_task_system_prompt_and_add_the_tools(tiny_qwen3, tmp_path):
+    from mlx_rft.train.run_data import build_run_data
+
+    _, tok = load_model(tiny_qwen3)
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(12)]
+    cfg = guess_cfg(tiny_qwen3, tmp_path, env=None, tools=["calculator"], system_prompt="Answer briefly.",
+                    eval_size=4)
+    data = build_run_data(cfg, tok, rows, reward_specs=[vowel_share])
+    assert len(data.train) == 8 and len(data.eval) == 4
+    first = data.train[0]
+    # The task's system message comes first, the tools' description after it, then the question.
+    assert first.prompt.index("Answer briefly.") < first.prompt.index("<tools>") < first.prompt.index("What is")
+    assert '"name": "calculator"' in first.prompt and data.episodes.stop == ("</tool_call>",)
+    env = data.episodes.factory()
+    assert env.reset(first.columns)[0]["content"].startswith("Answer briefly.")
+    reply = env.step([{"role": "assistant", "content":
+                       '<tool_call>{"name": "calculator", "arguments": {"expression": "2 + 2"}}</tool_call>'}])
+    assert reply == [{"role": "tool", "name": "calculator", "content": "4"}]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data import PromptDataset
-from ..data.prompts import render_prompt
+from ..data.prompts import render_prompt, row_messages
 from ..errors import MlxRftError
 from ..types import PromptExample
 from .envs import Environment, resolve_env
@@ -112,6 +112,20 @@ def episode_dataset(rows: list[dict], tokenizer, setup: EpisodeSetup, *, source:
     if not examples:
         raise MlxRftError(f"{source} has no rows; give the environment rows (--task-size >= 1)")
     return PromptDataset(examples, source=source)
+
+
+def with_system_prompt(row: dict, system_prompt: str | None) -> dict:
+    """A task row as "messages" led by the system prompt its prompt was rendered with (the default
+    environment's opening is then the prompt the task would have given)."""
+    if not system_prompt:
+        return row
+    messages = row_messages(row)
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    out = {k: v for k, v in row.items() if k != "prompt"}
+    return {**out, "messages": messages}
 
 
 def _with_system(messages: list[dict], text: str) -> list[dict]:

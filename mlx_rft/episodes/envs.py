@@ -25,7 +25,8 @@ from ..data.readers import BadRow
 from ..data.tasks import extract_answer
 from ..errors import MlxRftError
 from .parsing import ToolCall, scan_tool_calls
-from .tools import ToolBox, as_tool, calculator, load_object
+from ..user_code import load_object
+from .tools import ToolBox, as_tool, calculator
 
 
 class Environment:

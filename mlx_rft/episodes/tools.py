@@ -13,20 +13,17 @@ Built-in tools: `calculator` (exact arithmetic, by walking the expression's synt
 from __future__ import annotations
 
 import ast
-import importlib
-import importlib.util
 import json
 import math
 import operator
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import MlxRftError
+from ..user_code import load_object
 from .parsing import ToolCall
 
 DEFAULT_TIMEOUT = 10.0
@@ -404,48 +401,3 @@ def resolve_tools(spec: str | Sequence) -> list[Tool]:
                 )
         tools.append(as_tool(item))
     return tools
-
-
-def load_object(spec: str, what: str) -> Any:
-    """The object a `package.module:name` or `path/to/file.py:name` reference names."""
-    target, _, attr = spec.strip().rpartition(":")
-    if not target or not attr.isidentifier():
-        raise MlxRftError(
-            f"{what} {spec!r} is not a reference; write package.module:name or path/to/file.py:name"
-        )
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        module = _load_file(Path(target).expanduser(), spec, what)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise MlxRftError(
-                f"{what} {spec!r}: cannot import module {target!r} ({e}); check the name, or use "
-                "path/to/file.py:name"
-            ) from e
-        except Exception as e:  # noqa: BLE001  (user code failing at import)
-            raise MlxRftError(f"{what} {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from e
-    if not hasattr(module, attr):
-        raise MlxRftError(
-            f"{what} {spec!r}: {target} has no attribute {attr!r}; check the name after the colon"
-        )
-    return getattr(module, attr)
-
-
-def _load_file(path: Path, spec: str, what: str):
-    if not path.is_file():
-        raise MlxRftError(f"{what} {spec!r}: file {str(path)!r} does not exist; check the path")
-    name = f"mlx_rft_user_{what}_{abs(hash(str(path.resolve())))}"
-    if name in sys.modules:
-        return sys.modules[name]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise MlxRftError(f"{what} {spec!r}: cannot load {path} as a Python module; give it a .py name")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module  # before running it, so dataclasses and pickling find the module
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001
-        del sys.modules[name]
-        raise MlxRftError(f"{what} {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
-    return module

@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import ast
-import importlib
-import importlib.util
 import re
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ..errors import MlxRftError
+from ..user_code import load_object
 
 _CALL_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 
@@ -59,15 +56,9 @@ def resolve_reward(spec: str | Callable) -> Callable:
         except TypeError as e:
             raise MlxRftError(f"bad arguments in reward spec {spec!r}: {e}") from e
     if ":" in spec:
-        target, _, attr = spec.rpartition(":")
-        if not attr.isidentifier():
-            raise MlxRftError(f"reward spec {spec!r}: {attr!r} is not a function name; use MODULE:FUNCTION")
-        module = _load_module(target, spec)
-        func = getattr(module, attr, None)
-        if func is None:
-            raise MlxRftError(f"reward spec {spec!r}: {target} has no attribute {attr!r}")
+        func = load_object(spec, "reward spec")
         if not callable(func):
-            raise MlxRftError(f"reward spec {spec!r}: {attr!r} is not callable")
+            raise MlxRftError(f"reward spec {spec!r} names {type(func).__name__} {func!r:.40}, not a function")
         return func
     raise MlxRftError(
         f"unknown reward {spec!r}; use a built-in ({', '.join(sorted(table))}), "
@@ -94,31 +85,3 @@ def _parse_kwargs(text: str, spec: str) -> dict[str, Any]:
                     f"reward spec {spec!r}: the value of {kw.arg!r} must be a literal (number, string, list)"
                 ) from None
     return kwargs
-
-
-def _load_module(target: str, spec: str):
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise MlxRftError(f"reward spec {spec!r}: file {str(path)!r} does not exist")
-        mod_name = f"mlx_rft_user_reward_{abs(hash(str(path.resolve())))}"
-        if mod_name in sys.modules:
-            return sys.modules[mod_name]
-        mod_spec = importlib.util.spec_from_file_location(mod_name, path)
-        if mod_spec is None or mod_spec.loader is None:
-            raise MlxRftError(f"reward spec {spec!r}: cannot load {path} as a Python module")
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[mod_name] = module
-        try:
-            mod_spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[mod_name]
-            raise MlxRftError(f"reward spec {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
-        return module
-    try:
-        return importlib.import_module(target)
-    except ImportError as e:
-        raise MlxRftError(
-            f"reward spec {spec!r}: cannot import module {target!r} ({e}); check the name or use "
-            "path/to/file.py:function"
-        ) from e

@@ -22,6 +22,7 @@ from ..errors import MlxRftError
 from ..rewards import RewardSet, resolve_reward
 from ..episodes.data import (
     EpisodeSetup, environment_reward, environment_rows, episode_dataset, episode_setup, has_own_reward,
+    with_system_prompt,
 )
 from ..episodes.envs import resolve_env
 from ..timeseries.prompt_data import (
@@ -39,6 +40,7 @@ class RunData:
     rewards: RewardSet  # the training reward (weighted sum of the functions)
     eval_reward: RewardSet  # the first function alone: the held-out score (pass@k counts >= 1)
     episodes: EpisodeSetup | None = None  # multi-turn episodes (--env / --tools)
+    system_prompt: str | None = None  # the system message the prompts were rendered with
 
 
 def build_run_data(
@@ -89,7 +91,7 @@ def build_run_data(
                 f"--eval-file, or a smaller --eval-size (e.g. {max(1, total // 4)})"
             )
 
-    return RunData(train, evals, *_reward_sets(cfg, reward_specs, task))
+    return RunData(train, evals, *_reward_sets(cfg, reward_specs, task), system_prompt=system)
 
 
 def _series_run_data(cfg: GRPOConfig, tokenizer, reward_specs) -> RunData:
@@ -118,8 +120,8 @@ def _episode_run_data(cfg: GRPOConfig, tokenizer, train_rows, eval_rows, reward_
         base = build_run_data(
             dataclasses.replace(cfg, env=None, tools=[]), tokenizer, train_rows, eval_rows, reward_specs
         )
-        rows = [e.columns for e in base.train]
-        held = [e.columns for e in base.eval]
+        rows = [with_system_prompt(e.columns, base.system_prompt) for e in base.train]
+        held = [with_system_prompt(e.columns, base.system_prompt) for e in base.eval]
         task = base
     opts = dict(max_prompt_length=cfg.max_prompt_length)
     train = episode_dataset(rows, tokenizer, setup, source=setup.name, **opts)
