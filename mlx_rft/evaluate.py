@@ -156,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
         "'</answer>'; default none, as in training)",
     )
     p.add_argument("--system-prompt", default=None, help="system message (default: the task's)")
+    p.add_argument(
+        "--env", default=None,
+        help="score multi-turn episodes with this environment (a built-in: arithmetic, guess; or "
+        "module:Class) on its held-out rows, as `mlx-rft train --env` does",
+    )
+    p.add_argument("--tools", nargs="*", default=[], help="tools for multi-turn episodes (calculator, python, module:function)")
+    p.add_argument("--max-turns", type=int, default=4, help="multi-turn episodes: model turns per episode")
+    p.add_argument(
+        "--max-episode-tokens", type=int, default=768,
+        help="multi-turn episodes: model + environment tokens per episode",
+    )
+    p.add_argument(
+        "--max-prompt-length", type=int, default=2048,
+        help="multi-turn episodes: longest opening in tokens (tool schemas and demonstrations are long)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and the task's held-out split")
     p.add_argument(
         "--reward-timeout", type=float, default=300.0,
@@ -190,7 +205,10 @@ def main(argv: list[str] | None = None) -> None:
         include_stop=True,
     ).validate()  # the same sampling rules as training, before the model loads
     model, tokenizer = load_model(args.model, adapter_path=args.adapter_path)
-    if args.data:
+    generate = scorer = None
+    if args.env or args.tools:
+        data, scorer, generate = _episode_eval(args, tokenizer, model)
+    elif args.data:
         if not args.reward_funcs:
             raise MlxRftError("--data needs --reward-funcs (e.g. accuracy) to score completions")
         data = load_prompt_dataset(
@@ -208,8 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     bars = RunConsole(Console(stderr=True))
     with cpu.speedups(model), bars.eval_progress(len(examples)) as advance:
         out = evaluate_prompts(
-            model, tokenizer, examples, RewardSet(funcs[:1], on_error="none", timeout=args.reward_timeout),
-            k=args.k, sampling=sampling, seed=args.seed, progress=advance,
+            model, tokenizer, examples,
+            scorer or RewardSet(funcs[:1], on_error="none", timeout=args.reward_timeout),
+            k=args.k, sampling=sampling, seed=args.seed, progress=advance, generate=generate,
         )
     print(json.dumps({"prompts": len(examples), **out}, indent=2))
     if out["eval/unscored"]:
@@ -217,3 +236,30 @@ def main(argv: list[str] | None = None) -> None:
             f"warning: {out['eval/unscored']:.0f} of {len(examples) * args.k} samples could not be "
             "scored and count as 0", file=sys.stderr,
         )
+
+
+def _episode_eval(args, tokenizer, model):
+    """Held-out rows, reward and a generate function for multi-turn episodes (--env / --tools): the
+    rows, prompts and reward `mlx-rft train` evaluates with the same settings."""
+    from .config import GRPOConfig
+    from .rollout import generate_rollouts
+    from .train.run_data import build_run_data
+
+    cfg = GRPOConfig(
+        model=args.model, env=args.env, tools=list(args.tools), task=args.task, train_file=args.data,
+        reward_funcs=list(args.reward_funcs or []), eval_size=args.limit, seed=args.seed,
+        system_prompt=args.system_prompt, max_turns=args.max_turns,
+        max_episode_tokens=args.max_episode_tokens, max_new_tokens=args.max_new_tokens,
+        reward_timeout=args.reward_timeout, max_prompt_length=args.max_prompt_length,
+    ).validate()
+    data = build_run_data(cfg, tokenizer)
+
+    def generate(examples, k, sampling_, seed):
+        runner = data.episodes.runner(list(examples), k)
+        ro = generate_rollouts(model, tokenizer, [e.prompt_ids for e in examples], k,
+                               data.episodes.sampling(sampling_), seed=seed, turns=runner)
+        ro.episodes = runner.episodes
+        return ro
+
+    return data.eval, data.eval_reward, generate
+

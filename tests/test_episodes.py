@@ -390,3 +390,15 @@ def test_tools_on_task_rows_keep_the_task_system_prompt_and_add_the_tools(tiny_q
     reply = env.step([{"role": "assistant", "content":
                        '<tool_call>{"name": "calculator", "arguments": {"expression": "2 + 2"}}</tool_call>'}])
     assert reply == [{"role": "tool", "name": "calculator", "content": "4"}]
+
+
+def test_eval_command_scores_episodes_of_an_environment(tiny_qwen3, capsys):
+    import json
+
+    from mlx_rft.evaluate import main
+
+    main(["--model", str(tiny_qwen3), "--env", "arithmetic", "--limit", "3", "--max-new-tokens", "6",
+          "--max-turns", "2"])
+    out = json.loads(capsys.readouterr().out)
+    # The environment's held-out rows, scored by the environment (a random model gets none right).
+    assert out["prompts"] == 3 and out["eval/accuracy"] == 0.0 and "eval/constant_baseline" in out
