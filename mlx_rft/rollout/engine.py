@@ -321,43 +321,27 @@ def generate_rollouts(
                 keep = [i for i, r in enumerate(rows) if finish[r] is None and r not in waiting]
                 back = [i for i, r in enumerate(rows) if r in waiting]
                 if back:
+                    # Copied out before the batch drops them; they come back after the kept rows.
                     back_rows = [rows[i] for i in back]
-                    back_cache = [c.select(back) for c in cache]
-                    # A waiting row was fed the tokens sampled after its turn ended (garbage to
-                    # forget), or, if its turn ended at the last queued step, not yet all of it.
-                    drop = [max(0, fed[r] - waiting[r]) for r in back_rows]
-                    pending = [out_ids[r][min(fed[r], waiting[r]) :] for r in back_rows]
-                    back_logits = feed_replies(model, back_cache, pending, drop)
                     key, sub = mx.random.split(key)
-                    back_out, _, _ = sample(back_logits, sub, mx.array(back_rows), None, None)
-                    for r, p in zip(back_rows, pending):
-                        fed[r] = len(out_ids[r])
-                        stats.env_tokens += len(out_ids[r]) - waiting[r]
-                        del waiting[r]
-                    stats.reply_feeds += 1
+                    back_cache, back_out = _feed_waiting(
+                        model, cache, back, back_rows, out_ids, fed, waiting,
+                        lambda logits: sample(logits, sub, mx.array(back_rows), None, None)[0], stats,
+                    )
                 if keep:
                     for c in cache:
                         c.filter(keep)
                     idx = mx.array(keep)
-                    nxt = type(nxt)(nxt.tokens[idx], nxt.logprobs[idx], nxt.truncated_logprobs[idx])
+                    nxt = nxt.take(idx)
                     if next_context is not None:
                         next_context, next_valid = next_context[idx], next_valid[idx]
                     rows = [rows[i] for i in keep]
-                else:
-                    cache, rows = None, []
-                if back:
-                    if cache is None:
-                        cache, nxt = back_cache, back_out
-                    else:
-                        for c, b in zip(cache, back_cache):
-                            c.extend(b)
-                        nxt = type(nxt)(*(
-                            mx.concatenate([a, b]) for a, b in zip(
-                                (nxt.tokens, nxt.logprobs, nxt.truncated_logprobs),
-                                (back_out.tokens, back_out.logprobs, back_out.truncated_logprobs),
-                            )
-                        ))
-                    rows = rows + back_rows
+                if back and keep:
+                    for c, b in zip(cache, back_cache):
+                        c.extend(b)
+                    nxt, rows = nxt.concat(back_out), rows + back_rows
+                elif back:
+                    cache, nxt, rows = back_cache, back_out, back_rows
                 live = mx.array(rows)
                 riding = 0
                 stats.compactions += 1
@@ -371,6 +355,23 @@ def generate_rollouts(
             tokenizer, prompts, G, out_ids, out_lp, out_tlp, finish, eos_ids, stopper, stats,
             turn_start, env_pos,
         )
+
+
+def _feed_waiting(model, cache, back, back_rows, out_ids, fed, waiting, sample, stats):
+    """The waiting rows' own cache rows with their replies fed, and the first token of each one's
+    next turn (see turns.py). `back`: their batch positions; updates `fed` and `waiting`."""
+    back_cache = [c.select(back) for c in cache]
+    # A waiting row was fed the tokens sampled after its turn ended (to forget), or, if its turn
+    # ended at the last queued step, not yet all of the turn (still to feed).
+    drop = [max(0, fed[r] - waiting[r]) for r in back_rows]
+    pending = [out_ids[r][min(fed[r], waiting[r]) :] for r in back_rows]
+    first = sample(feed_replies(model, back_cache, pending, drop))
+    for r in back_rows:
+        stats.env_tokens += len(out_ids[r]) - waiting[r]
+        fed[r] = len(out_ids[r])
+        del waiting[r]
+    stats.reply_feeds += 1
+    return back_cache, first
 
 
 def _turn_text(tokenizer, turn, reason, eos_ids, stopper) -> str:

@@ -172,6 +172,17 @@ class StepOutput:
     logprobs: mx.array  # [N] float32 log_softmax(logits / T)[token] (T = 1 when greedy)
     truncated_logprobs: mx.array  # [N] float32 log-prob under the distribution sampled from
 
+    def take(self, idx: mx.array) -> "StepOutput":
+        """The rows at `idx`, in that order."""
+        return StepOutput(self.tokens[idx], self.logprobs[idx], self.truncated_logprobs[idx])
+
+    def concat(self, other: "StepOutput") -> "StepOutput":
+        """These rows, then `other`'s."""
+        return StepOutput(*(
+            mx.concatenate([getattr(self, f), getattr(other, f)])
+            for f in ("tokens", "logprobs", "truncated_logprobs")
+        ))
+
 
 class TokenSampler:
     """Samples one token per row from [N, V] logits according to a SamplingConfig.
