@@ -39,6 +39,7 @@ class EpisodeSetup:
     limits: EpisodeLimits
     name: str
     stop: tuple[str, ...] = ()  # stop strings that end a turn: a tool call's closing tag
+    schemas: tuple[dict, ...] = ()  # every tool's schema (the template gets them, or a system message)
 
     def sampling(self, sampling):
         """`sampling` with the episodes' stop strings added."""
@@ -86,20 +87,19 @@ def episode_setup(cfg, tokenizer) -> EpisodeSetup:
     limits = EpisodeLimits(max_turns=cfg.max_turns, max_tokens=cfg.max_episode_tokens)
     # A turn that calls a tool ends at the call: the result comes from the tool, not the model.
     stop = tuple(getattr(env_cls, "stop", ()) or ()) + ((CLOSE,) if tools else ())
-    return EpisodeSetup(factory, renderer, limits, cfg.env or "tools", stop)
+    return EpisodeSetup(factory, renderer, limits, cfg.env or "tools", stop, tuple(schemas))
 
 
 def episode_dataset(rows: list[dict], tokenizer, setup: EpisodeSetup, *, source: str,
                     max_prompt_length: int) -> PromptDataset:
     """Rows -> prompts rendered from their environment's opening messages."""
-    schemas = setup.renderer.tools
+    schemas = setup.renderer.tools  # None when the template does not render tools itself
     env = setup.factory()
-    all_schemas = [as_tool(t).schema for t in (getattr(env, "tools", ()) or ())]
     examples = []
     for i, row in enumerate(rows):
         opening = env.reset(dict(row))
-        if all_schemas and schemas is None and not any("<tools>" in m["content"] for m in opening):
-            opening = _with_system(opening, tool_system_text(all_schemas))
+        if setup.schemas and schemas is None and not any("<tools>" in m["content"] for m in opening):
+            opening = _with_system(opening, tool_system_text(list(setup.schemas)))
             row = {**row, "messages": opening}
             row.pop("prompt", None)
         text, ids = render_prompt(tokenizer, opening, tools=schemas)
