@@ -114,7 +114,7 @@ def _episode_run_data(cfg: GRPOConfig, tokenizer, train_rows, eval_rows, reward_
     plain = train_rows is None and cfg.task is None and cfg.train_file is None
     if plain and env_cls is not None:
         rows, held = environment_rows(cfg, env_cls)
-        task = None
+        base = None
     else:
         # The task's (or given) rows, rendered as usual first, so bad rows get the usual errors.
         base = build_run_data(
@@ -122,17 +122,16 @@ def _episode_run_data(cfg: GRPOConfig, tokenizer, train_rows, eval_rows, reward_
         )
         rows = [with_system_prompt(e.columns, base.system_prompt) for e in base.train]
         held = [with_system_prompt(e.columns, base.system_prompt) for e in base.eval]
-        task = base
     opts = dict(max_prompt_length=cfg.max_prompt_length)
     train = episode_dataset(rows, tokenizer, setup, source=setup.name, **opts)
     evals = episode_dataset(held, tokenizer, setup, source=f"{setup.name} (held out)", **opts)
     specs = list(reward_specs) or list(cfg.reward_funcs)
     if not specs and env_cls is not None and has_own_reward(env_cls):
         specs = [environment_reward()]
-    if specs or task is None:
+    if specs or base is None:
         rewards, eval_reward = _reward_sets(cfg, specs, None)
-    else:
-        rewards, eval_reward = task.rewards, task.eval_reward
+    else:  # the task's own rewards score the last turn
+        rewards, eval_reward = base.rewards, base.eval_reward
     return RunData(train, evals, rewards, eval_reward, episodes=setup)
 
 
