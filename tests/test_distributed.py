@@ -36,6 +36,7 @@ def _run(cmd, cwd):
 @pytest.mark.parametrize("loss_type, scale, extra", [
     ("dapo", "batch", []), ("grpo", "group", []),
     ("dapo", "batch", ["dynamic"]),  # dynamic sampling: the same refills and kept groups
+    ("dapo", "batch", ["episodes"]),  # two-turn episodes: each rank runs its rows' environments
 ])
 def test_two_processes_match_one(tiny_qwen3, tmp_path, loss_type, scale, extra):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -62,6 +63,8 @@ def test_two_processes_match_one(tiny_qwen3, tmp_path, loss_type, scale, extra):
     for x, y in zip(s1, s2):
         assert x["reward/mean"] == pytest.approx(y["reward/mean"], rel=1e-6)
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
-        if extra:
+        if extra == ["episodes"]:
+            assert x["episode/turns"] == y["episode/turns"] == 2.0
+        elif extra:
             assert x["sampling/prompts"] == y["sampling/prompts"] and x["sampling/rounds"] >= 1
             assert x["sampling/kept_groups"] == y["sampling/kept_groups"]

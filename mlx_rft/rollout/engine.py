@@ -20,6 +20,9 @@ returns the environment's reply as token ids, the row waits (riding along like a
 until the next compaction, where the waiting rows' replies are prefilled into their own cache
 rows and they rejoin the batch. The mask is 1 on sampled tokens only, so the reply tokens carry
 no loss. `max_new_tokens` then limits each turn, and the handler's `max_tokens` the whole row.
+Their rows rejoin the batch at decode steps that depend on the other rows, so their draws are
+keyed by token position instead of decode step (`position_uniforms`): a row samples the same
+tokens whichever rows share its batch or its process.
 
 Randomness: all draws come from an explicit key, `mx.random.key(seed)` split once per step,
 so MLX's global PRNG is left untouched when `seed` is given and a fixed seed reproduces the same
@@ -41,7 +44,9 @@ from .. import cpu
 from ..errors import MlxRftError
 from ..types import RolloutBatch, SamplingConfig
 from .cache import make_rollout_cache
-from .sampling import TokenSampler, penalty_counts, step_uniforms, validate_sampling
+from .sampling import (
+    TokenSampler, penalty_counts, position_table, position_uniforms, step_uniforms, validate_sampling,
+)
 from .stopping import StopStringMatcher
 from .turns import TurnHandler, feed_replies
 
@@ -237,9 +242,19 @@ def generate_rollouts(
             context = mx.repeat(mx.array(ctx), G, axis=0)
             valid = mx.repeat(mx.array(val), G, axis=0)
 
-        def sample(step_logits, step_key, live, ctx, val):
+        # Episodes: a row's tokens are drawn by position, not by decode step (see position_uniforms).
+        table = None
+        if turns is not None:
+            key, sub = mx.random.split(key)
+            table = position_table(sub, turns.max_tokens + 1, draw_rows)
+
+        def sample(step_logits, step_key, live, ctx, val, positions=None):
             counts = penalty_counts(ctx, val, vocab_size) if ctx is not None else None
-            out = sampler(step_logits, step_uniforms(step_key, live + row_offset, draw_rows), counts)
+            if table is None:
+                uniforms = step_uniforms(step_key, live + row_offset, draw_rows)
+            else:
+                uniforms = position_uniforms(table, live + row_offset, mx.array(positions), draw_rows)
+            out = sampler(step_logits, uniforms, counts)
             if ctx is not None:
                 ctx = mx.concatenate([ctx[:, 1:], out.tokens[:, None]], axis=1)
                 val = mx.concatenate([val[:, 1:], mx.ones((val.shape[0], 1), val.dtype)], axis=1)
@@ -247,7 +262,7 @@ def generate_rollouts(
 
         live = mx.arange(N)  # output row of each batch position, on the device
         key, sub = mx.random.split(key)
-        cur, context, valid = sample(logits, sub, live, context, valid)
+        cur, context, valid = sample(logits, sub, live, context, valid, [0] * N)
         mx.eval(cur.tokens, cur.logprobs, cur.truncated_logprobs)  # so prefill_seconds is complete
         stats.prompt_tokens += sum(lengths)
         stats.prefill_seconds += time.perf_counter() - tic
@@ -274,7 +289,9 @@ def generate_rollouts(
                 # Queue step t+1 before reading step t (rows that turn out finished ride along).
                 step_logits = model(cur.tokens[:, None], cache=cache)[:, -1, :]
                 key, sub = mx.random.split(key)
-                nxt, next_context, next_valid = sample(step_logits, sub, live, context, valid)
+                # (positions: the queued token follows `cur`, which is not yet in out_ids)
+                positions = [len(out_ids[r]) + 1 for r in rows] if table is not None else None
+                nxt, next_context, next_valid = sample(step_logits, sub, live, context, valid, positions)
                 mx.async_eval(nxt.tokens, nxt.logprobs, nxt.truncated_logprobs)
                 stats.decode_steps += 1
                 stats.row_steps += len(rows)
@@ -326,7 +343,8 @@ def generate_rollouts(
                     key, sub = mx.random.split(key)
                     back_cache, back_out = _feed_waiting(
                         model, cache, back, back_rows, out_ids, fed, waiting,
-                        lambda logits: sample(logits, sub, mx.array(back_rows), None, None)[0], stats,
+                        lambda logits: sample(logits, sub, mx.array(back_rows), None, None,
+                                              [len(out_ids[r]) for r in back_rows])[0], stats,
                     )
                 if keep:
                     for c in cache:

@@ -164,6 +164,24 @@ def step_uniforms(key: mx.array, rows: mx.array, total_rows: int) -> mx.array:
     return mx.random.uniform(shape=(2, total_rows), key=key)[:, rows]
 
 
+def position_table(key: mx.array, positions: int, total_rows: int) -> mx.array:
+    """[positions * total_rows, 2] uniforms, one pair per (token position, row): the draws of
+    multi-turn rows, whose tokens are not sampled at the same decode step in every run."""
+    return mx.random.uniform(shape=(positions * total_rows, 2), key=key)
+
+
+def position_uniforms(table: mx.array, rows: mx.array, positions: mx.array, total_rows: int) -> mx.array:
+    """[2, len(rows)] uniforms for the tokens at `positions` of `rows` (clipped to the table: rows
+    riding along after they ended draw tokens nobody keeps).
+
+    A row's token at position p always gets the same pair, whichever decode step samples it and
+    whichever rows share the batch, so a batch split over processes, or one whose rows wait for
+    their environments at other times, samples exactly what one process would."""
+    last = table.shape[0] // total_rows - 1
+    idx = mx.minimum(positions, last) * total_rows + rows
+    return table[idx].T
+
+
 @dataclass(frozen=True)
 class StepOutput:
     """One decode step for N rows."""
