@@ -39,10 +39,7 @@ from mlx_rft.types import SamplingConfig
 
 
 def episodes(model, tok, data, examples, G, sampling, seed):
-    runner = data.episodes.runner(examples, G)
-    ro = generate_rollouts(model, tok, [e.prompt_ids for e in examples], G,
-                           data.episodes.sampling(sampling), seed=seed, turns=runner)
-    ro.episodes = runner.episodes
+    ro = data.episodes.rollouts(model, tok, examples, G, sampling, seed=seed)
     cols = columns_per_row(examples, G)
     cols["episode"] = ro.episodes
     scores = np.nan_to_num(np.asarray(data.eval_reward([e.prompt for e in examples for _ in range(G)],

@@ -242,7 +242,6 @@ def _episode_eval(args, tokenizer, model):
     """Held-out rows, reward and a generate function for multi-turn episodes (--env / --tools): the
     rows, prompts and reward `mlx-rft train` evaluates with the same settings."""
     from .config import GRPOConfig
-    from .rollout import generate_rollouts
     from .train.run_data import build_run_data
 
     cfg = GRPOConfig(
@@ -255,11 +254,7 @@ def _episode_eval(args, tokenizer, model):
     data = build_run_data(cfg, tokenizer)
 
     def generate(examples, k, sampling_, seed):
-        runner = data.episodes.runner(list(examples), k)
-        ro = generate_rollouts(model, tokenizer, [e.prompt_ids for e in examples], k,
-                               data.episodes.sampling(sampling_), seed=seed, turns=runner)
-        ro.episodes = runner.episodes
-        return ro
+        return data.episodes.rollouts(model, tokenizer, examples, k, sampling_, seed=seed)
 
     return data.eval, data.eval_reward, generate
 

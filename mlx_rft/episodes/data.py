@@ -50,6 +50,17 @@ class EpisodeSetup:
         envs, openings = make_envs(self.factory, [e.columns for e in examples], group_size)
         return EpisodeRunner(envs, openings, self.renderer, self.limits)
 
+    def rollouts(self, model, tokenizer, examples: list[PromptExample], group_size: int, sampling, **kw):
+        """`group_size` episodes of each example in one `generate_rollouts` call (fresh
+        environments, the episodes' stop strings), their records in `.episodes`."""
+        from ..rollout import generate_rollouts
+
+        runner = self.runner(list(examples), group_size)
+        out = generate_rollouts(model, tokenizer, [e.prompt_ids for e in examples], group_size,
+                                self.sampling(sampling), turns=runner, **kw)
+        out.episodes = runner.episodes
+        return out
+
 
 def tool_system_text(schemas: list[dict]) -> str:
     """How to call tools, for chat templates that do not render `tools=` themselves."""

@@ -214,18 +214,15 @@ class GRPOTrainer:
         emb = self.embed(examples)
         if emb is not None:
             kw["prompt_embeddings"] = emb
-        runner = None
-        if self.episodes:
-            runner = self.episodes.runner(list(examples), group_size)
-            sampling = self.episodes.sampling(sampling)
         with adapters_fused(self.model):
-            rollouts = generate_rollouts(
+            if self.episodes:
+                return self.episodes.rollouts(
+                    self.model, self.tokenizer, examples, group_size, sampling, seed=seed, **kw
+                )
+            return generate_rollouts(
                 self.model, self.tokenizer, [e.prompt_ids for e in examples], group_size, sampling,
-                seed=seed, turns=runner, **kw,
+                seed=seed, **kw,
             )
-        if runner is not None:
-            rollouts.episodes = runner.episodes
-        return rollouts
 
     def score(self, reward_set: RewardSet, examples, rollouts: RolloutBatch) -> RewardResult:
         """Run every reward function once on the step's completions."""
