@@ -142,6 +142,11 @@ class GRPOConfig:
         "entropy collapse (0 = off; costs a second pass over the vocabulary)"
     )
     num_iterations: int = _f(1, "optimisation passes over each batch of rollouts (mu)")
+    off_policy_correction: str = _f(
+        "none", "none | tis | mis: weight each token by pi_now / pi_behaviour, truncated at "
+        "off_policy_cap (tis) or dropped above it (mis), for rollouts made with older weights"
+    )
+    off_policy_cap: float = _f(2.0, "the cap C of off_policy_correction (> 1)")
     dynamic_sampling: bool = _f(
         False, "DAPO dynamic sampling: draw more prompts within a step until it holds "
         "prompts_per_step groups whose rewards differ, and train on those"
@@ -190,6 +195,17 @@ class GRPOConfig:
         "activations: far less memory for one more forward pass (on the CPU also slower exps)"
     )
     seed: int = _f(0, "random seed for data order, sampling and initialisation")
+
+    # --- separate rollout workers (mlx.launch -n 1+N) ---
+    rollout_workers: int = _f(
+        0, "ranks 1..N generate and score rollouts while rank 0 trains (launch 1 + N processes); "
+        "0 = every process generates and trains its share (data parallel)"
+    )
+    max_staleness: int = _f(
+        1, "rollout workers: the newest weights are at most this many updates ahead of the weights "
+        "that made a step's rollouts (0 = the synchronous run exactly)"
+    )
+    weight_sync_steps: int = _f(1, "rollout workers: send the trainer's weights to them every N steps")
 
     # --- evaluation ---
     eval_every: int = _f(0, "evaluate every N steps (0 = only before and after training)")
@@ -302,6 +318,7 @@ class GRPOConfig:
             f"max_uninformative_steps={self.max_uninformative_steps} must be >= 0 (0 = never stop)",
         )
         self._validate_guard(need)
+        self._validate_workers(need)
         need(self.num_steps >= 1, f"num_steps={self.num_steps} must be >= 1")
         need(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
         need(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
@@ -362,6 +379,22 @@ class GRPOConfig:
         need(bool(str(self.output_dir).strip()), "output_dir is empty; name a run folder")
         return self
 
+    def _validate_workers(self, need) -> None:
+        need(self.rollout_workers >= 0, f"rollout_workers={self.rollout_workers} must be >= 0 (0 = off)")
+        need(self.max_staleness >= 0, f"max_staleness={self.max_staleness} must be >= 0")
+        need(self.weight_sync_steps >= 1, f"weight_sync_steps={self.weight_sync_steps} must be >= 1")
+        need(
+            self.max_staleness >= self.weight_sync_steps - 1,
+            f"max_staleness={self.max_staleness} with weight_sync_steps={self.weight_sync_steps}: "
+            "weights sent every N steps are up to N - 1 updates old when used; set max_staleness "
+            f"to {self.weight_sync_steps - 1} or more, or send weights more often",
+        )
+        need(
+            not (self.rollout_workers and self.dynamic_sampling),
+            "dynamic_sampling with rollout_workers is not supported (a step's refills depend on "
+            "its own rewards); turn one of them off",
+        )
+
     def _validate_guard(self, need) -> None:
         need(self.guard_patience >= 1, f"guard_patience={self.guard_patience} must be >= 1")
         need(
@@ -401,7 +434,8 @@ class GRPOConfig:
             loss_type=self.loss_type, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
             delta=self.delta, beta=self.beta, importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_new_tokens, top_entropy_quantile=self.top_entropy_quantile,
-            entropy_coef=self.entropy_coef,
+            entropy_coef=self.entropy_coef, off_policy_correction=self.off_policy_correction,
+            off_policy_cap=self.off_policy_cap,
         )
 
     def task_kwargs(self) -> dict[str, Any]:

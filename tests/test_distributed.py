@@ -68,3 +68,94 @@ def test_two_processes_match_one(tiny_qwen3, tmp_path, loss_type, scale, extra):
         elif extra:
             assert x["sampling/prompts"] == y["sampling/prompts"] and x["sampling/rounds"] >= 1
             assert x["sampling/kept_groups"] == y["sampling/kept_groups"]
+
+
+# ------------------------------------------------------------------ separate rollout workers
+def _weights(run_dir, step):
+    return mx.load(str(run_dir / "checkpoints" / f"step-{step:07d}" / "adapters.safetensors"))
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float(mx.abs(a[k] - b[k]).max()) for k in a)
+
+
+def _steps(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in rows if "loss" in x]
+
+
+def _launch(n, model, out, steps, *options, cwd, check=True):
+    cmd = [*launcher(), "-n", str(n), "--backend", "ring", "--", sys.executable, str(JOB), str(model),
+           str(out), "dapo", "batch", str(steps), *options]
+    if check:
+        return _run(cmd, cwd)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_rollout_worker_with_staleness_zero_is_the_synchronous_run(tiny_qwen3, tmp_path, optimizer):
+    """1 trainer + 1 rollout worker, max_staleness 0: the single-process run's weights."""
+    opts = [f"optimizer={optimizer}", *(["learning_rate=0.01"] if optimizer == "adamw" else [])]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(JOB), str(tiny_qwen3), str(one), "dapo", "batch", "3", *opts], tmp_path)
+    out = _launch(2, tiny_qwen3, two, 3, "rollout_workers=1", "max_staleness=0", *opts, cwd=tmp_path)
+    assert "rollouts from 1 worker process(es), max staleness 0" in out
+    a, b = _weights(one, 3), _weights(two, 3)
+    assert max(float(mx.abs(a[k]).max()) for k in a if k.endswith("lora_b")) > 1e-3  # it trained
+    assert _max_diff(a, b) == 0.0  # the same samples, rewards and updates, bit for bit
+    s1, s2 = _steps(one), _steps(two)
+    assert [x["grad_norm"] for x in s1] == [x["grad_norm"] for x in s2]
+    assert [x["async/staleness"] for x in s2] == [0.0, 0.0, 0.0]
+    assert [x["async/weights_version"] for x in s2] == [0.0, 1.0, 2.0]
+
+
+def test_two_rollout_workers_with_staleness_one(tiny_qwen3, tmp_path):
+    """Rank 0 trains step s while ranks 1 and 2 make steps s+1 and s+2; the off-policy weights
+    correct for the one-update lag, and the metrics say what lag was seen."""
+    out = _launch(3, tiny_qwen3, tmp_path / "run", 5, "rollout_workers=2", "max_staleness=1",
+                  "off_policy_correction=tis", cwd=tmp_path)
+    assert "rollouts from 2 worker process(es), max staleness 1" in out
+    s = _steps(tmp_path / "run")
+    assert [x["async/staleness"] for x in s] == [0.0, 1.0, 1.0, 1.0, 1.0]
+    assert [x["async/weights_version"] for x in s] == [0.0, 0.0, 1.0, 2.0, 3.0]
+    assert [x["async/worker"] for x in s] == [1.0, 2.0, 1.0, 2.0, 1.0]
+    assert s[0]["off_policy/is_weight_mean"] == pytest.approx(1.0, abs=1e-6)  # fresh: w = 1
+    assert s[0]["off_policy/capped_frac"] == 0.0
+    stale = [x["off_policy/is_weight_mean"] for x in s[1:]]
+    assert all(abs(w - 1.0) > 1e-4 for w in stale)  # older weights made those tokens
+    assert _max_diff(_weights(tmp_path / "run", 5), {k: 0 * v for k, v in _weights(tmp_path / "run", 5).items()}) > 1e-3
+
+
+def test_rollout_workers_resume_at_the_checkpoint(tiny_qwen3, tmp_path):
+    """A run with workers stopped after step 2 and resumed reaches the uninterrupted
+    single-process run's weights (max_staleness 0): the workers restart from the checkpoint's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(JOB), str(tiny_qwen3), str(one), "dapo", "batch", "4"], tmp_path)
+    _launch(2, tiny_qwen3, two, 2, "rollout_workers=1", "max_staleness=0", cwd=tmp_path)
+    out = _launch(2, tiny_qwen3, two, 4, "rollout_workers=1", "max_staleness=0", "resume=latest", cwd=tmp_path)
+    assert "resumed from" in out and "step 2" in out
+    assert _max_diff(_weights(one, 4), _weights(two, 4)) == 0.0
+
+
+def test_a_failed_rollout_worker_is_reported_and_the_others_carry_on(tiny_qwen3, tmp_path):
+    r = _launch(3, tiny_qwen3, tmp_path / "run", 4, "rollout_workers=2", "max_staleness=1",
+                "fail_rank=2", cwd=tmp_path, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    text = r.stdout + r.stderr
+    assert "rollout worker rank 2 stopped (reward 'digit_share' raised RuntimeError: reward broke on rank 2" in text
+    assert "its 1 pending job(s) go to rank(s) [1]" in text
+    s = _steps(tmp_path / "run")
+    assert len(s) == 4 and [x["async/worker"] for x in s[2:]] == [1.0, 1.0]
+    assert (tmp_path / "run" / "checkpoints" / "step-0000004").is_dir()
+
+
+def test_when_every_rollout_worker_fails_the_run_stops_with_its_steps_saved(tiny_qwen3, tmp_path):
+    r = _launch(2, tiny_qwen3, tmp_path / "run", 4, "rollout_workers=1", "max_staleness=0",
+                "fail_rank=1", cwd=tmp_path, check=False)
+    text = r.stdout + r.stderr
+    assert "Node with rank 0 exited with code 1" in text  # (mlx.launch itself exits 0 regardless)
+    assert "every rollout worker has stopped (rank 1: reward 'digit_share' raised RuntimeError: reward broke on rank 1" in text
+    assert "resume the run with --resume latest" in text
+    assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir()  # the finished step is kept

@@ -14,9 +14,15 @@ Per token (A = the row's advantage, eps_low = epsilon, eps_high = epsilon_high o
         loss_t = -min(min(r, delta) * A, clip(r, 1 - eps_low, 1 + eps_high) * A)   (delta optional)
     cispo (MiniMax-M1):
         loss_t = -stop_gradient(min(r, 1 + eps_high)) * A * logp_t
+    loss_t *= w_t                                 off_policy_correction tis / mis (below)
     loss_t *= entropy_mask_t                      top_entropy_quantile < 1
     loss_t += beta * (exp(ref - logp) - (ref - logp) - 1)     k3 KL estimator, beta > 0
     loss_t -= entropy_coef * H_t                  entropy bonus, H_t = entropy of softmax(z_t / T)
+
+Rollouts from older weights (separate rollout workers): old_logp is then the proximal policy
+(this step's weights; None), the behaviour log-probs b come separately, and
+    w_t = exp(old_logp - b)   tis: min(w_t, C)     mis: w_t if w_t <= C else 0
+(truncated / masked importance sampling, C = off_policy_cap).
 
 Aggregation over the mask m (the variants differ only here and in the per-token term), with
 S = num_sequences (rows in the whole accumulated batch; default N, this micro-batch's rows):
@@ -52,6 +58,7 @@ import numpy as np
 from ..errors import MlxRftError
 
 IMPORTANCE_LEVELS = ("token", "sequence")
+OFF_POLICY = ("none", "tis", "mis")
 
 
 @dataclass
@@ -67,6 +74,10 @@ class LossConfig:
     max_completion_length: int | None = None  # dr_grpo's constant normaliser (max_new_tokens)
     top_entropy_quantile: float = 1.0  # keep the top fraction of tokens by entropy; 1 keeps all
     entropy_coef: float = 0.0  # entropy bonus: - entropy_coef * H_t per token (needs entropy)
+    # Rollouts made with older weights (separate rollout workers): weight each token's policy term
+    # by w = pi_proximal / pi_behaviour, truncated at the cap (tis) or zeroed above it (mis).
+    off_policy_correction: str = "none"  # one of OFF_POLICY: none, tis, mis
+    off_policy_cap: float = 2.0
 
     def __post_init__(self):
         if self.loss_type not in LOSSES:
@@ -93,6 +104,15 @@ class LossConfig:
             raise MlxRftError(
                 f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 keeps "
                 "every token)"
+            )
+        if self.off_policy_correction not in OFF_POLICY:
+            raise MlxRftError(
+                f"off_policy_correction={self.off_policy_correction!r} is not valid; choose one of "
+                f"{', '.join(OFF_POLICY)}"
+            )
+        if not (np.isfinite(self.off_policy_cap) and self.off_policy_cap > 1):
+            raise MlxRftError(
+                f"off_policy_cap={self.off_policy_cap} must be a finite number > 1 (e.g. 2)"
             )
         if not (self.entropy_coef >= 0 and np.isfinite(self.entropy_coef)):
             raise MlxRftError(f"entropy_coef={self.entropy_coef} must be a finite number >= 0 (0 = off)")
@@ -124,6 +144,10 @@ class LossStats:
     num_loss_tokens: mx.array  # tokens the policy term applies to (after entropy masking)
     kl_mean: mx.array | None = None  # mean k3 KL to the reference (when ref_logp is given)
     entropy_mean: mx.array | None = None  # mean token entropy (when entropy is given)
+    # off_policy_correction: mean of w = pi_proximal / pi_behaviour before the cap, and the
+    # fraction of tokens above the cap (truncated by tis, dropped by mis)
+    is_weight_mean: mx.array | None = None
+    is_capped: mx.array | None = None
 
     def as_dict(self) -> dict[str, mx.array]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -262,13 +286,15 @@ def _finish(per_token, logp, ref_logp, mask, cfg, entropy, stats):
     return per_token, stats
 
 
-def _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy):
+def _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, is_weight=None):
     """PPO-clipped per-token loss (grpo, bnpo, dr_grpo, dapo) and its stats."""
     adv, mask, old_logp = _prepare(logp, old_logp, ref_logp, advantages, mask, cfg, entropy)
     ratio = mx.exp(_log_weights(logp, old_logp, mask, cfg.importance_sampling_level))
     clipped = mx.clip(ratio, 1.0 - cfg.epsilon, 1.0 + cfg.eps_high)
     unclipped = ratio if cfg.delta is None else mx.minimum(ratio, cfg.delta)
     per_token = -mx.minimum(unclipped * adv, clipped * adv)
+    if is_weight is not None:
+        per_token = per_token * is_weight
 
     r = mx.stop_gradient(ratio)
     low = ((r < 1.0 - cfg.epsilon) & (adv < 0)).astype(mx.float32)
@@ -282,13 +308,15 @@ def _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy):
     return (*_finish(per_token, logp, ref_logp, mask, cfg, entropy, stats), mask)
 
 
-def _cispo_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy):
+def _cispo_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, is_weight=None):
     """CISPO per-token loss: REINFORCE weighted by the capped, stop-gradient importance ratio."""
     adv, mask, old_logp = _prepare(logp, old_logp, ref_logp, advantages, mask, cfg, entropy)
     ratio = mx.stop_gradient(mx.exp(_log_weights(logp, old_logp, mask, cfg.importance_sampling_level)))
     cap = 1.0 + cfg.eps_high
     weight = mx.minimum(ratio, cap)
     per_token = -weight * adv * logp
+    if is_weight is not None:
+        per_token = per_token * is_weight
 
     high = ((ratio > cap) & (adv > 0)).astype(mx.float32)
     zero = mx.array(0.0)
@@ -323,9 +351,10 @@ def grpo_loss(
     entropy: mx.array | None = None,
     global_token_count: float | mx.array | None = None,
     num_sequences: int | None = None,
+    is_weight: mx.array | None = None,
 ) -> tuple[mx.array, LossStats]:
     """Original GRPO: token mean within each completion, then mean over completions."""
-    per_token, stats, mask = _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy)
+    per_token, stats, mask = _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, is_weight)
     per_row = (per_token * mask).sum(axis=-1) / mx.maximum(mask.sum(axis=-1), 1.0)
     return per_row.sum() / _rows(mask, num_sequences), stats
 
@@ -341,9 +370,10 @@ def bnpo_loss(
     entropy: mx.array | None = None,
     global_token_count: float | mx.array | None = None,
     num_sequences: int | None = None,
+    is_weight: mx.array | None = None,
 ) -> tuple[mx.array, LossStats]:
     """BNPO: token mean over the (local) micro-batch."""
-    per_token, stats, mask = _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy)
+    per_token, stats, mask = _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, is_weight)
     share = mask.shape[0] / _rows(mask, num_sequences)
     return _token_sum_over(per_token, mask, mx.maximum(mask.sum(), 1.0)) * share, stats
 
@@ -359,9 +389,10 @@ def dr_grpo_loss(
     entropy: mx.array | None = None,
     global_token_count: float | mx.array | None = None,
     num_sequences: int | None = None,
+    is_weight: mx.array | None = None,
 ) -> tuple[mx.array, LossStats]:
     """Dr. GRPO: token sum over a constant N * max_completion_length (no length bias)."""
-    per_token, stats, mask = _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy)
+    per_token, stats, mask = _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, is_weight)
     return _token_sum_over(per_token, mask, _rows(mask, num_sequences) * cfg.max_completion_length), stats
 
 
@@ -393,9 +424,10 @@ def dapo_loss(
     entropy: mx.array | None = None,
     global_token_count: float | mx.array | None = None,
     num_sequences: int | None = None,
+    is_weight: mx.array | None = None,
 ) -> tuple[mx.array, LossStats]:
     """DAPO: token sum over the token count of the whole accumulated (multi-process) batch."""
-    per_token, stats, mask = _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy)
+    per_token, stats, mask = _clipped_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, is_weight)
     return _token_sum_over(per_token, mask, _global_count(mask, global_token_count)), stats
 
 
@@ -410,9 +442,10 @@ def cispo_loss(
     entropy: mx.array | None = None,
     global_token_count: float | mx.array | None = None,
     num_sequences: int | None = None,
+    is_weight: mx.array | None = None,
 ) -> tuple[mx.array, LossStats]:
     """CISPO (MiniMax-M1): capped stop-gradient IS weight x A x logp, aggregated as dapo."""
-    per_token, stats, mask = _cispo_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy)
+    per_token, stats, mask = _cispo_terms(logp, old_logp, ref_logp, advantages, mask, cfg, entropy, is_weight)
     return _token_sum_over(per_token, mask, _global_count(mask, global_token_count)), stats
 
 
@@ -436,6 +469,7 @@ def compute_loss(
     entropy: mx.array | None = None,
     global_token_count: float | mx.array | None = None,
     num_sequences: int | None = None,
+    behaviour_logp: mx.array | None = None,
 ) -> tuple[mx.array, LossStats]:
     """The `cfg.loss_type` loss; see the module docstring for the formulas.
 
@@ -453,6 +487,10 @@ def compute_loss(
             batch over all processes; defaults to this micro-batch's count.
         num_sequences: grpo / bnpo / dr_grpo normaliser, the rows of the whole accumulated batch
             over all processes; defaults to this micro-batch's N.
+        behaviour_logp: [N, T] log-probs under the policy that sampled the tokens, when that is
+            not old_logp's (rollouts from older weights). With cfg.off_policy_correction tis or
+            mis each token's policy term is weighted by `off_policy_weights`; with none it is
+            ignored (pass the behaviour log-probs as old_logp instead).
     """
     try:
         fn = LOSSES[cfg.loss_type]
@@ -460,7 +498,35 @@ def compute_loss(
         raise MlxRftError(
             f"unknown loss_type {cfg.loss_type!r}; choose one of {', '.join(LOSSES)}"
         ) from None
-    return fn(
+    weight, extra = None, {}
+    if cfg.off_policy_correction != "none" and behaviour_logp is not None:
+        proximal = mx.stop_gradient(logp if old_logp is None else old_logp)
+        weight, extra["is_weight_mean"], extra["is_capped"] = off_policy_weights(
+            proximal, behaviour_logp, mask, cfg.off_policy_correction, cfg.off_policy_cap
+        )
+    loss, stats = fn(
         logp, old_logp, ref_logp, advantages, mask, cfg,
         entropy=entropy, global_token_count=global_token_count, num_sequences=num_sequences,
+        is_weight=weight,
     )
+    for name, value in extra.items():
+        setattr(stats, name, value)
+    return loss, stats
+
+
+def off_policy_weights(
+    proximal_logp: mx.array, behaviour_logp: mx.array, mask: mx.array, mode: str, cap: float
+) -> tuple[mx.array, mx.array, mx.array]:
+    """Per-token weights for tokens sampled by an older policy (no gradient).
+
+    w = pi_proximal / pi_behaviour = exp(proximal - behaviour); tis (truncated importance
+    sampling) uses min(w, cap), mis (masked importance sampling) uses w where w <= cap and 0
+    above it. Returns ([N, T] weights, mean w over masked-in tokens, fraction above the cap).
+    """
+    if mode not in ("tis", "mis"):
+        raise MlxRftError(f"off-policy correction {mode!r} is not valid; choose tis or mis")
+    mask = mask.astype(mx.float32)
+    w = mx.exp(mx.where(mask > 0, mx.stop_gradient(proximal_logp) - behaviour_logp, 0.0))
+    above = w > cap
+    out = mx.minimum(w, cap) if mode == "tis" else mx.where(above, 0.0, w)
+    return out * mask, _masked_mean(w, mask), _masked_mean(above.astype(mx.float32), mask)

@@ -39,6 +39,7 @@ STAT_NAMES = {
     "clip_low": "clip/low_frac", "clip_high": "clip/high_frac", "clip_region": "clip/region_frac",
     "ratio_mean": "ratio/mean", "kl_mean": "kl", "entropy_mean": "entropy",
     "num_tokens": "tokens/completion", "num_loss_tokens": "tokens/in_loss",
+    "is_weight_mean": "off_policy/is_weight_mean", "is_capped": "off_policy/capped_frac",
 }
 SUMMED_STATS = ("num_tokens", "num_loss_tokens")  # counts add up over micro-batches; the rest average
 
@@ -54,11 +55,17 @@ class Trajectory:
     row_keep: np.ndarray  # [N] 1.0 for rows in the loss (dropped groups, masked truncations: 0)
     loss_mask: mx.array  # [N, T] the completion mask times row_keep
     ref_logprobs: mx.array | None = None  # [N, T] under the reference policy (beta > 0)
+    # [N, T] under this step's weights before its first update: the proximal policy of
+    # off_policy_correction with num_iterations > 1 (with 1 it is the loss's own log-probs)
+    proximal_logprobs: mx.array | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # generate, reward, logprobs
     # Every completion drawn this step, with dynamic sampling also the groups it filtered out
     # (their total rewards: the policy's reward, not only the kept batch's); None = `rewards`.
     drawn_rewards: np.ndarray | None = None
     sampling: dict[str, float] = field(default_factory=dict)  # dynamic sampling's metrics
+    # Where the rollouts came from, with separate rollout workers: the weight version, staleness,
+    # the trainer's wait (metric name -> value)
+    source: dict[str, float] = field(default_factory=dict)
 
     @property
     def group_size(self) -> int:
@@ -84,6 +91,7 @@ class TrainBatch:
     # Prompts with soft tokens: each prompt's pieces (PromptExample.pieces), embedded inside the
     # loss so that its gradient reaches the series encoder; None for text prompts.
     prompt_pieces: list | None = None
+    proximal_logprobs: mx.array | None = None  # [n, T] (Trajectory.proximal_logprobs)
 
     @property
     def num_rows(self) -> int:
@@ -125,9 +133,14 @@ def grpo_loss(cfg: GRPOConfig) -> LossFn:
                 llm, batch.prompts, batch.completion_ids, batch.mask, batch.group_size,
                 cfg.temperature, with_entropy=need_entropy, **embed,
             )
+        # With an off-policy correction the ratio is taken against the proximal policy and the
+        # behaviour log-probs give the correction's weights; without, against the behaviour.
+        old, behaviour = batch.old_logprobs, None
+        if cfg.off_policy_correction != "none":
+            old, behaviour = batch.proximal_logprobs, batch.old_logprobs
         loss, stats = compute_loss(
-            loss_cfg, logp, batch.old_logprobs, batch.ref_logprobs, batch.advantages, batch.mask,
-            entropy=entropy, **totals,
+            loss_cfg, logp, old, batch.ref_logprobs, batch.advantages, batch.mask,
+            entropy=entropy, behaviour_logp=behaviour, **totals,
         )
         return loss, stats.as_dict()
 
@@ -192,6 +205,7 @@ def train_batches(traj: Trajectory, cfg: GRPOConfig) -> tuple[list[TrainBatch], 
             mask=traj.loss_mask[idx], old_logprobs=ro.logprobs[idx],
             ref_logprobs=None if traj.ref_logprobs is None else traj.ref_logprobs[idx],
             advantages=advantages[idx], prompt_pieces=pieces,
+            proximal_logprobs=None if traj.proximal_logprobs is None else traj.proximal_logprobs[idx],
         ))
     return batches, rows
 
@@ -253,6 +267,7 @@ def step_metrics(
         **upd.as_metrics(),
         "tokens/completion": gen_tokens,  # all generated tokens, not only those in the update
         **traj.sampling,
+        **traj.source,
         **(episode_metrics(ro.episodes) if ro.episodes else {}),
     }
 

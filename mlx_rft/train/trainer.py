@@ -41,10 +41,13 @@ from ..rewards.base import RewardResult
 from ..rollout import generate_rollouts
 from ..timeseries.prompt_data import is_series_source, series_policy
 from ..types import PromptExample, RolloutBatch
+from ..workers import JobSchedule, RolloutCoordinator, RolloutWorkersFailed, split_roles, stop_workers
+from ..workers.records import unpack_rollouts
+from ..workers.rollout_worker import serve as serve_rollouts
 from . import checkpoint as ckpt
 from . import run_folder
 from .collapse_guard import CHECKPOINT_NAME as GUARD_TENSORS, CollapseGuard, Verdict
-from .distributed import init_world
+from .distributed import World, init_world
 from .console import RunConsole
 from .metrics import build_reporters
 from .report import write_report
@@ -133,6 +136,7 @@ class GRPOTrainer:
         self.make_batches = batches or train_batches
         # Filled by train(): the process group, the model folder and the trainable setup...
         self.world = None
+        self.roles = self.remote = None  # separate rollout workers: the ranks' roles, the coordinator
         self.model_dir: Path | None = None
         self.fingerprint = self.data_fingerprint = ""
         self.optimizer = self.apply_update = self.reference = self.adapter_cfg = None
@@ -174,6 +178,11 @@ class GRPOTrainer:
                 raise MlxRftError(
                     "--beta above 0 is not supported with time-series rows yet (the reference "
                     "policy would need an encoder of its own); use --beta 0"
+                )
+            if cfg.off_policy_correction != "none" and cfg.num_iterations > 1:
+                raise MlxRftError(
+                    "off_policy_correction with num_iterations above 1 is not supported with "
+                    "time-series rows yet; use --num-iterations 1"
                 )
             self.policy = series_policy(self.model, cfg.encoder)
             mx.eval(self.policy.parameters())
@@ -269,8 +278,12 @@ class GRPOTrainer:
         trains on those groups alone (see dynamic_sampling.py)."""
         cfg, world = self.cfg, self.world
         t = {"generate": 0.0, "reward": 0.0}
-        examples = [self.train_data[i] for i in next(sampler)]
-        rollouts, rewards = self._sample(step, 0, examples, t)
+        source = {}
+        if self.remote is not None:
+            examples, rollouts, rewards, source = self._receive(step, sampler, t)
+        else:
+            examples = [self.train_data[i] for i in next(sampler)]
+            rollouts, rewards = self._sample(step, 0, examples, t)
         self._check_scored(step, rewards)
         drawn_rewards, sampling = rewards.total, {}
         if cfg.dynamic_sampling:
@@ -287,7 +300,7 @@ class GRPOTrainer:
         return Trajectory(
             examples=examples, rollouts=rollouts, rewards=rewards, advantages=adv, row_keep=keep,
             loss_mask=rollouts.completion_mask * mx.array(keep)[:, None],
-            seconds=t, drawn_rewards=drawn_rewards, sampling=sampling,
+            seconds=t, drawn_rewards=drawn_rewards, sampling=sampling, source=source,
         )
 
     def _sample(self, step: int, round_: int, examples, seconds: dict[str, float]):
@@ -307,6 +320,25 @@ class GRPOTrainer:
         rewards = self.score(self.rewards, examples, rollouts)
         seconds["reward"] += time.perf_counter() - t0
         return rollouts, rewards
+
+    def _receive(self, step: int, sampler: PromptSampler, seconds: dict[str, float]):
+        """A rollout worker's delivery for this step: its examples, rollouts, rewards and where
+        they came from (the trainer's sampler moves on as in the synchronous run)."""
+        d = self.remote.take(step)
+        rows = [int(i) for i in next(sampler)]
+        if rows != d.job.rows:  # the job's rows came from a copy of this sampler run ahead
+            raise RuntimeError(f"step {step}: the job's rows {d.job.rows} are not the sampler's {rows}")
+        examples = [self.train_data[i] for i in rows]
+        rollouts, rewards = unpack_rollouts(d.message.header, d.message.arrays, examples)
+        worker_seconds = d.message.header["seconds"]
+        seconds["generate"] += worker_seconds["generate"]
+        seconds["reward"] += worker_seconds["reward"]
+        source = {
+            "async/staleness": float(d.staleness), "async/weights_version": float(d.version),
+            "async/worker": float(d.worker), "time/wait": d.wait_seconds,
+            "time/worker_busy": worker_seconds["busy"],
+        }
+        return examples, rollouts, rewards, source
 
     def _fill_informative(self, step, sampler, examples, rollouts, rewards, seconds):
         """Dynamic sampling: refill rounds of prompts_per_step prompts until the step has found
@@ -336,7 +368,8 @@ class GRPOTrainer:
         )
 
     def add_reference(self, traj: Trajectory) -> None:
-        """The reference policy's log-probs of the completions (the KL term; beta > 0 only)."""
+        """The reference policy's log-probs of the completions (the KL term; beta > 0 only),
+        and the proximal ones of an off-policy correction over several updates."""
         t0 = time.perf_counter()
         if self.cfg.beta > 0 and traj.rollouts.num_rows:  # (a process may hold no group)
             ref_lp, _ = self.reference.run(lambda m: sequence_logprobs(
@@ -345,6 +378,15 @@ class GRPOTrainer:
             ))
             traj.ref_logprobs = mx.stop_gradient(ref_lp)
             mx.eval(traj.ref_logprobs)
+        # An off-policy correction over several updates needs this step's weights' log-probs
+        # (with one update they are the loss's own, at no cost).
+        if self.cfg.off_policy_correction != "none" and self.cfg.num_iterations > 1 and traj.rollouts.num_rows:
+            prox, _ = sequence_logprobs(
+                self.model, traj.prompt_ids, traj.rollouts.completion_ids, traj.loss_mask,
+                traj.group_size, self.cfg.temperature,
+            )
+            traj.proximal_logprobs = mx.stop_gradient(prox)
+            mx.eval(traj.proximal_logprobs)
         traj.seconds["logprobs"] = time.perf_counter() - t0
 
     def update(self, loss_and_grad, batches: list[TrainBatch], totals: dict[str, float]) -> UpdateStats:
@@ -443,6 +485,11 @@ class GRPOTrainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         self.world = init_world()
+        self.roles = split_roles(self.world, cfg.rollout_workers)
+        if self.roles is not None:  # each role does its maths alone; the link joins them
+            self.world = World(None)
+            if not self.roles.is_trainer:
+                return self._serve_rollouts()
         if cfg.prompts_per_step % self.world.size:
             raise MlxRftError(
                 f"prompts_per_step={cfg.prompts_per_step} does not split over {self.world.size} "
@@ -456,8 +503,31 @@ class GRPOTrainer:
         self.fingerprint = plan.fingerprint
         self._setup_model()
         self._setup_data()
-        with cpu.speedups(self.model):  # CPU kernels and allocator, restored on return
-            return self._run(plan)
+        try:
+            with cpu.speedups(self.model):  # CPU kernels and allocator, restored on return
+                return self._run(plan)
+        finally:
+            if self.roles is not None and self.remote is None:  # workers that never got a job
+                stop_workers(self.roles.link, self.roles.workers)
+
+    def _serve_rollouts(self) -> TrainResult:
+        """A rollout worker's whole run: set up as the trainer does, then answer its jobs."""
+        self.model_dir = resolve_model_path(self.cfg.model)
+        self._setup_model()
+        self._setup_data()
+        with cpu.speedups(self.model):
+            jobs = serve_rollouts(self, self.roles.link, self.roles.trainer)
+        return TrainResult(Path(self.cfg.output_dir), jobs)
+
+    def _start_workers(self, run: RunState) -> None:
+        """Send the rollout workers the run's weights and first jobs (they generate while the
+        trainer evaluates)."""
+        cfg = self.cfg
+        schedule = JobSchedule(
+            self.roles.workers, run.step, cfg.num_steps, cfg.max_staleness, cfg.weight_sync_steps
+        )
+        self.remote = RolloutCoordinator(self.roles.link, schedule, run.sampler, log=self.console.warn)
+        self.remote.start(self.policy)
 
     def _restore(self, plan: run_folder.RunPlan) -> RunState:
         sampler = PromptSampler(
@@ -498,7 +568,13 @@ class GRPOTrainer:
                 f"{cfg.prompts_per_step} prompts x {cfg.group_size} completions per step"
                 + (f" over {world.size} processes" if world.size > 1 else "")
                 + ("; dynamic sampling" if cfg.dynamic_sampling else "")
+                + (
+                    f"; rollouts from {cfg.rollout_workers} worker process(es), max staleness "
+                    f"{cfg.max_staleness}" if self.roles else ""
+                )
             )
+        if self.roles is not None:
+            self._start_workers(run)
         if main and not run.eval_before:
             run.eval_before = self.evaluate(0)
             run.history.append({"step": 0, **run.eval_before})  # the report's eval panel starts here
@@ -513,8 +589,15 @@ class GRPOTrainer:
             bar = self.console.train_progress(cfg.num_steps, run.step, show=main)
             with GracefulStop(self._log) as signals, bar as advance:
                 for step in range(run.step + 1, cfg.num_steps + 1):
-                    metrics, traj = self.train_step(step, run.sampler, loss_and_grad)
+                    try:
+                        metrics, traj = self.train_step(step, run.sampler, loss_and_grad)
+                    except RolloutWorkersFailed:
+                        if step - 1 > run.step and (step - 1) % cfg.save_every:
+                            self._save(run_dir, step - 1, run)  # keep every finished step
+                        raise
                     verdict = self._watch(step, traj, metrics)
+                    if self.remote is not None:  # the weights after this step, and new jobs
+                        self.remote.after_step(step, self.policy)
                     run.history.append({"step": step, **metrics})
                     if main:
                         self._report(step, metrics, run.history, reporters, rollout_log, traj)
@@ -530,6 +613,8 @@ class GRPOTrainer:
                     if interrupted or stop_reason:
                         break
         finally:
+            if self.remote is not None:
+                self.remote.close()
             if rollout_log is not None:
                 rollout_log.close()
         exit_code = signals.exit_code if interrupted else (EXIT_NOTHING_LEARNED if stop_reason else 0)
