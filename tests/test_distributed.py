@@ -94,10 +94,13 @@ def _launch(n, model, out, steps, *options, cwd, check=True):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_rollout_worker_with_staleness_zero_is_the_synchronous_run(tiny_qwen3, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer, extra", [
+    ("sgd", []), ("adamw", []),
+    ("sgd", ["episodes"]),  # two-turn episodes: the environments run on the worker
+])
+def test_rollout_worker_with_staleness_zero_is_the_synchronous_run(tiny_qwen3, tmp_path, optimizer, extra):
     """1 trainer + 1 rollout worker, max_staleness 0: the single-process run's weights."""
-    opts = [f"optimizer={optimizer}", *(["learning_rate=0.01"] if optimizer == "adamw" else [])]
+    opts = [f"optimizer={optimizer}", *(["learning_rate=0.01"] if optimizer == "adamw" else []), *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(JOB), str(tiny_qwen3), str(one), "dapo", "batch", "3", *opts], tmp_path)
     out = _launch(2, tiny_qwen3, two, 3, "rollout_workers=1", "max_staleness=0", *opts, cwd=tmp_path)
@@ -109,6 +112,10 @@ def test_rollout_worker_with_staleness_zero_is_the_synchronous_run(tiny_qwen3, t
     assert [x["grad_norm"] for x in s1] == [x["grad_norm"] for x in s2]
     assert [x["async/staleness"] for x in s2] == [0.0, 0.0, 0.0]
     assert [x["async/weights_version"] for x in s2] == [0.0, 1.0, 2.0]
+    if extra:
+        assert [x["episode/turns"] for x in s2] == [x["episode/turns"] for x in s1] == [2.0] * 3
+        r1 = (one / "rollouts.jsonl").read_text().splitlines()
+        assert r1 == (two / "rollouts.jsonl").read_text().splitlines()  # whole episodes logged
 
 
 def test_two_rollout_workers_with_staleness_one(tiny_qwen3, tmp_path):

@@ -42,7 +42,6 @@ from ..rollout import generate_rollouts
 from ..timeseries.prompt_data import is_series_source, series_policy
 from ..types import PromptExample, RolloutBatch
 from ..workers import JobSchedule, RolloutCoordinator, RolloutWorkersFailed, split_roles, stop_workers
-from ..workers.records import unpack_rollouts
 from ..workers.rollout_worker import serve as serve_rollouts
 from . import checkpoint as ckpt
 from . import run_folder
@@ -279,8 +278,8 @@ class GRPOTrainer:
         cfg, world = self.cfg, self.world
         t = {"generate": 0.0, "reward": 0.0}
         source = {}
-        if self.remote is not None:
-            examples, rollouts, rewards, source = self._receive(step, sampler, t)
+        if self.remote is not None:  # a rollout worker made and scored them
+            examples, rollouts, rewards, source = self.remote.collect(step, sampler, self.train_data, t)
         else:
             examples = [self.train_data[i] for i in next(sampler)]
             rollouts, rewards = self._sample(step, 0, examples, t)
@@ -320,25 +319,6 @@ class GRPOTrainer:
         rewards = self.score(self.rewards, examples, rollouts)
         seconds["reward"] += time.perf_counter() - t0
         return rollouts, rewards
-
-    def _receive(self, step: int, sampler: PromptSampler, seconds: dict[str, float]):
-        """A rollout worker's delivery for this step: its examples, rollouts, rewards and where
-        they came from (the trainer's sampler moves on as in the synchronous run)."""
-        d = self.remote.take(step)
-        rows = [int(i) for i in next(sampler)]
-        if rows != d.job.rows:  # the job's rows came from a copy of this sampler run ahead
-            raise RuntimeError(f"step {step}: the job's rows {d.job.rows} are not the sampler's {rows}")
-        examples = [self.train_data[i] for i in rows]
-        rollouts, rewards = unpack_rollouts(d.message.header, d.message.arrays, examples)
-        worker_seconds = d.message.header["seconds"]
-        seconds["generate"] += worker_seconds["generate"]
-        seconds["reward"] += worker_seconds["reward"]
-        source = {
-            "async/staleness": float(d.staleness), "async/weights_version": float(d.version),
-            "async/worker": float(d.worker), "time/wait": d.wait_seconds,
-            "time/worker_busy": worker_seconds["busy"],
-        }
-        return examples, rollouts, rewards, source
 
     def _fill_informative(self, step, sampler, examples, rollouts, rewards, seconds):
         """Dynamic sampling: refill rounds of prompts_per_step prompts until the step has found

@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from ..data import PromptSampler
 from ..errors import MlxRftError
 from .link import ERROR, JOB, RESULT, STOP, WEIGHTS, Link, Message, PeerLost
+from .records import unpack_rollouts
 from .schedule import JobSchedule, NoWorkersLeft
 
 
@@ -149,6 +150,27 @@ class RolloutCoordinator:
             self.jobs.pop(step), msg, worker, version, self.schedule.staleness(step, version),
             time.perf_counter() - t0,
         )
+
+    def collect(self, step: int, sampler: PromptSampler, train_data, seconds: dict[str, float]):
+        """The trainer's view of a step's delivery: its examples, rollouts, rewards and where
+        they came from (metric name -> value). `sampler` (the trainer's, saved in checkpoints)
+        moves on one step, as in the synchronous run; the worker's generation and reward times
+        are added to `seconds`."""
+        d = self.take(step)
+        rows = [int(i) for i in next(sampler)]
+        if rows != d.job.rows:  # the job's rows came from a copy of this sampler run ahead
+            raise RuntimeError(f"step {step}: the job's rows {d.job.rows} are not the sampler's {rows}")
+        examples = [train_data[i] for i in rows]
+        rollouts, rewards = unpack_rollouts(d.message.header, d.message.arrays, examples)
+        worker_seconds = d.message.header["seconds"]
+        seconds["generate"] += worker_seconds["generate"]
+        seconds["reward"] += worker_seconds["reward"]
+        source = {
+            "async/staleness": float(d.staleness), "async/weights_version": float(d.version),
+            "async/worker": float(d.worker), "time/wait": d.wait_seconds,
+            "time/worker_busy": worker_seconds["busy"],
+        }
+        return examples, rollouts, rewards, source
 
     def close(self) -> None:
         """Tell every worker still reading to stop, and wait until the messages are written."""
