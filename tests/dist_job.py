@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import sys
 
 import mlx_rft  # noqa: F401  (fast BLAS before mlx.core)
@@ -39,6 +40,18 @@ class FailOnRank:
         return digit_share(prompts, completions)
 
 
+class StopsItself(GRPOTrainer):
+    """A trainer that sends itself SIGTERM after step `after` (a job scheduler stopping it)."""
+
+    after = 0
+
+    def train_step(self, step, *args):
+        out = super().train_step(step, *args)
+        if step == self.after:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+
 def _value(text: str):
     for kind in (int, float):
         try:
@@ -56,6 +69,7 @@ if __name__ == "__main__":
     # key=value settings, e.g. rollout_workers=1 max_staleness=0 optimizer=adamw
     options = dict(x.split("=", 1) for x in extra if "=" in x)
     fail_rank = options.pop("fail_rank", None)  # that rank's reward breaks after its first call
+    StopsItself.after = int(options.pop("sigterm_after", 0))  # the trainer stops after that step
     typed = {k: _value(v) for k, v in options.items()}
     rows = [{"prompt": f"Question {i}: say something"} for i in range(64)]
     settings = dict(
@@ -66,4 +80,5 @@ if __name__ == "__main__":
     )
     cfg = GRPOConfig(**{**settings, **typed})
     reward = half_constant if dynamic else FailOnRank(fail_rank) if fail_rank else digit_share
-    GRPOTrainer(cfg, reward_funcs=[reward], train_dataset=rows).train()
+    result = StopsItself(cfg, reward_funcs=[reward], train_dataset=rows).train()
+    sys.exit(result.exit_code)

@@ -135,12 +135,18 @@ def test_two_rollout_workers_with_staleness_one(tiny_qwen3, tmp_path):
     assert _max_diff(_weights(tmp_path / "run", 5), {k: 0 * v for k, v in _weights(tmp_path / "run", 5).items()}) > 1e-3
 
 
-def test_rollout_workers_resume_at_the_checkpoint(tiny_qwen3, tmp_path):
-    """A run with workers stopped after step 2 and resumed reaches the uninterrupted
-    single-process run's weights (max_staleness 0): the workers restart from the checkpoint's."""
+def test_rollout_workers_stop_on_sigterm_and_resume_at_the_checkpoint(tiny_qwen3, tmp_path):
+    """SIGTERM to the trainer after step 2 of 4: it saves, stops the worker and exits 143; the
+    resumed run reaches the uninterrupted single-process run's weights (max_staleness 0), the
+    worker starting again from the checkpoint's."""
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(JOB), str(tiny_qwen3), str(one), "dapo", "batch", "4"], tmp_path)
-    _launch(2, tiny_qwen3, two, 2, "rollout_workers=1", "max_staleness=0", cwd=tmp_path)
+    r = _launch(2, tiny_qwen3, two, 4, "rollout_workers=1", "max_staleness=0", "sigterm_after=2",
+                cwd=tmp_path, check=False)
+    text = r.stdout + r.stderr
+    assert "SIGTERM: finishing this step, saving a checkpoint" in text
+    assert "Node with rank 0 exited with code 143" in text and "rank 1 exited" not in text
+    assert sorted(p.name for p in (two / "checkpoints").glob("step-*")) == ["step-0000002"]
     out = _launch(2, tiny_qwen3, two, 4, "rollout_workers=1", "max_staleness=0", "resume=latest", cwd=tmp_path)
     assert "resumed from" in out and "step 2" in out
     assert _max_diff(_weights(one, 4), _weights(two, 4)) == 0.0

@@ -495,7 +495,9 @@ class GRPOTrainer:
         self.model_dir = resolve_model_path(self.cfg.model)
         self._setup_model()
         self._setup_data()
-        with cpu.speedups(self.model):
+        # A signal reaches every rank; the trainer ends the run, and tells the workers to stop.
+        quiet = GracefulStop(lambda _: self.console.warn("rollout worker: stopping when the trainer does"))
+        with cpu.speedups(self.model), quiet:
             jobs = serve_rollouts(self, self.roles.link, self.roles.trainer)
         return TrainResult(Path(self.cfg.output_dir), jobs)
 

@@ -45,7 +45,8 @@ class Delivery:
 
 
 def stop_workers(link: Link, workers: list[int]) -> None:
-    """Tell workers to stop (those never started, e.g. when the run had nothing left to do)."""
+    """Tell these workers to stop (also those never given a job, when the run had nothing left
+    to do or failed before its first step)."""
     for worker in workers:
         try:
             link.send(worker, STOP)
@@ -78,6 +79,7 @@ class Wakeups:
         self.sent_at[step] = time.time()
 
     def answered(self, worker: int, header: dict) -> None:
+        self.sent_at.pop(int(header["step"]), None)
         times = self.recent.setdefault(worker, [])
         times.append(float(header["seconds"]["busy"]))
         del times[:-RECENT_JOBS]
