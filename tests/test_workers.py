@@ -19,7 +19,8 @@ from mlx_rft.rewards.base import RewardResult
 from mlx_rft.train.distributed import World
 from mlx_rft.types import PromptExample, RolloutBatch
 from mlx_rft.workers import JobSchedule, split_roles
-from mlx_rft.workers.link import decode, encode
+from mlx_rft.workers.coordinator import Wakeups
+from mlx_rft.workers.link import _flatten_by_dtype, _unflatten, decode, encode
 from mlx_rft.workers.records import pack_rollouts, unpack_rollouts
 from mlx_rft.workers.schedule import NoWorkersLeft
 
@@ -41,6 +42,43 @@ def test_codec_never_unpickles():
     payload = encode({}, {"obj": np.array([{"a": 1}], dtype=object)})
     with pytest.raises(ValueError, match="allow_pickle"):
         decode(payload)
+
+
+def test_tensors_travel_as_one_buffer_per_dtype_and_come_back_exactly():
+    rng = np.random.default_rng(0)
+    tensors = [
+        mx.array(rng.normal(size=(3, 4)).astype(np.float32)),
+        mx.array(rng.normal(size=(5,)).astype(np.float32)).astype(mx.bfloat16),
+        mx.array(rng.normal(size=(2, 2, 2)).astype(np.float32)),
+        mx.array(np.arange(6, dtype=np.int32).reshape(2, 3)),
+        mx.array(rng.normal(size=(1,)).astype(np.float32)).astype(mx.bfloat16),
+        mx.zeros((0, 3)),
+    ]
+    flat = _flatten_by_dtype(tensors)
+    assert [b.dtype for b in flat] == [mx.float32, mx.bfloat16, mx.int32]
+    assert [b.size for b in flat] == [12 + 8 + 0, 6, 6]
+    back = _unflatten([(tuple(t.shape), t.dtype) for t in tensors], flat)
+    for a, b in zip(tensors, back):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert mx.array_equal(a, b).item()
+
+
+def test_the_trainer_wakes_shortly_before_a_result_is_due(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("mlx_rft.workers.coordinator.time.time", lambda: now[0])
+    w = Wakeups()
+    w.sent(3)
+    assert w.expected(3, [3], worker=1) is None  # nothing known about the worker yet
+    w.answered(1, {"step": 2, "seconds": {"busy": 8.0}, "finished_at": 999.0})
+    w.answered(1, {"step": 1, "seconds": {"busy": 4.0}, "finished_at": 1000.0})
+    # job 3 was sent before the worker was free: it starts at 1000 and takes >= 4 s (the
+    # shortest recent job); wake a quarter of that early
+    assert w.expected(3, [3], worker=1) == pytest.approx(1000.0 + 4.0 - 1.0)
+    now[0] = 1010.0
+    w.sent(4)  # queued behind 3, which has not come back yet
+    assert w.expected(4, [3, 4], worker=1) == pytest.approx(1010.0 + 3.0)  # at most one job ahead
+    now[0] = 1000.5
+    assert w.expected(4, [3, 4], worker=1) == pytest.approx(1000.5 + 3.0)
 
 
 def test_rollouts_and_rewards_round_trip():

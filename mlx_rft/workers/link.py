@@ -88,6 +88,25 @@ def _flatten_by_dtype(tensors: list[mx.array]) -> list[mx.array]:
     return flat
 
 
+def _buffer_sizes(specs: list[tuple[tuple, Any]]) -> dict:
+    """dtype -> elements of its flat buffer, in order of first appearance."""
+    sizes: dict = {}
+    for shape, dtype in specs:
+        sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape, dtype=np.int64))
+    return sizes
+
+
+def _unflatten(specs: list[tuple[tuple, Any]], flat: list[mx.array]) -> list[mx.array]:
+    """The tensors of `specs` ((shape, dtype) in order) cut out of `_flatten_by_dtype`'s buffers."""
+    buffers = dict(zip(_buffer_sizes(specs), flat))
+    tensors, offsets = [], dict.fromkeys(buffers, 0)
+    for shape, dtype in specs:
+        n = int(np.prod(shape, dtype=np.int64))
+        tensors.append(buffers[dtype][offsets[dtype] : offsets[dtype] + n].reshape(shape))
+        offsets[dtype] += n
+    return tensors
+
+
 class Link:
     """This rank's messages to and from the other ranks of `group` (an mx.distributed.Group)."""
 
@@ -127,18 +146,11 @@ class Link:
         kind, nbytes, nflat = (int(v) for v in self._recv((3,), mx.int64, src).tolist())
         header, arrays = decode(np.asarray(self._recv((nbytes,), mx.uint8, src)))
         specs = [(tuple(shape), getattr(mx, dtype)) for shape, dtype in header.get("tensors", [])]
-        sizes: dict = {}
-        for shape, dtype in specs:
-            sizes[dtype] = sizes.get(dtype, 0) + int(np.prod(shape, dtype=np.int64))
+        sizes = _buffer_sizes(specs)
         if len(sizes) != nflat:
             raise RuntimeError(f"a message from rank {src} announced {nflat} buffers for {len(sizes)} dtypes")
-        flat = {dtype: self._recv((n,), dtype, src) for dtype, n in sizes.items()}
-        tensors, offsets = [], dict.fromkeys(sizes, 0)
-        for shape, dtype in specs:
-            n = int(np.prod(shape, dtype=np.int64))
-            tensors.append(flat[dtype][offsets[dtype] : offsets[dtype] + n].reshape(shape))
-            offsets[dtype] += n
-        return Message(kind, header, arrays, tensors)
+        flat = [self._recv((n,), dtype, src) for dtype, n in sizes.items()]
+        return Message(kind, header, arrays, _unflatten(specs, flat))
 
     def flush(self) -> None:
         """Wait until every message sent so far has been written."""
