@@ -31,7 +31,8 @@ def split_roles(world, num_workers: int) -> Roles | None:
     if world.size != need:
         raise MlxRftError(
             f"rollout_workers={num_workers} needs {need} processes (1 trainer + {num_workers} "
-            f"workers) but this run has {world.size}; launch it with `mlx.launch -n {need} ...` "
+            f"worker{'s' if num_workers > 1 else ''}) but this run has {world.size}; launch it "
+            f"with `mlx.launch -n {need} ...` "
             f"or a host file of {need} entries"
         )
     # The ring backend links each process to its two neighbours only, so the trainer can reach
