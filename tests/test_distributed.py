@@ -26,11 +26,20 @@ def launcher() -> list[str]:
     return [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()"]
 
 
-def _run(cmd, cwd):
+def _spawn(cmd, cwd) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+def _run(cmd, cwd):
+    r = _spawn(cmd, cwd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
+
+
+def _moved(weights) -> float:
+    """How far training moved the adapters: LoRA's B matrices start at zero."""
+    return max(float(mx.abs(weights[k]).max()) for k in weights if k.endswith("lora_b"))
 
 
 @pytest.mark.parametrize("loss_type, scale, extra", [
@@ -49,8 +58,7 @@ def test_two_processes_match_one(tiny_qwen3, tmp_path, loss_type, scale, extra):
     b = mx.load(str(two / "checkpoints" / "step-0000002" / "adapters.safetensors"))
     assert a.keys() == b.keys()
     diff = max(float(mx.abs(a[k] - b[k]).max()) for k in a)
-    moved = max(float(mx.abs(a[k]).max()) for k in a if k.endswith("lora_b"))
-    assert moved > 1e-4  # training did something
+    assert _moved(a) > 1e-4  # training did something
     # SGD keeps the comparison linear (Adam divides float noise in near-zero gradients by itself).
     assert diff < 1e-5, diff
     # Same samples and rewards, same gradient (global norm) at every step; rank 0 wrote the logs.
@@ -88,10 +96,7 @@ def _steps(run_dir):
 def _launch(n, model, out, steps, *options, cwd, check=True):
     cmd = [*launcher(), "-n", str(n), "--backend", "ring", "--", sys.executable, str(JOB), str(model),
            str(out), "dapo", "batch", str(steps), *options]
-    if check:
-        return _run(cmd, cwd)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    return _run(cmd, cwd) if check else _spawn(cmd, cwd)
 
 
 @pytest.mark.parametrize("optimizer, extra", [
@@ -106,7 +111,7 @@ def test_rollout_worker_with_staleness_zero_is_the_synchronous_run(tiny_qwen3, t
     out = _launch(2, tiny_qwen3, two, 3, "rollout_workers=1", "max_staleness=0", *opts, cwd=tmp_path)
     assert "rollouts from 1 worker process(es), max staleness 0" in out
     a, b = _weights(one, 3), _weights(two, 3)
-    assert max(float(mx.abs(a[k]).max()) for k in a if k.endswith("lora_b")) > 1e-3  # it trained
+    assert _moved(a) > 1e-3  # it trained
     assert _max_diff(a, b) == 0.0  # the same samples, rewards and updates, bit for bit
     s1, s2 = _steps(one), _steps(two)
     assert [x["grad_norm"] for x in s1] == [x["grad_norm"] for x in s2]
@@ -132,7 +137,7 @@ def test_two_rollout_workers_with_staleness_one(tiny_qwen3, tmp_path):
     assert s[0]["off_policy/capped_frac"] == 0.0
     stale = [x["off_policy/is_weight_mean"] for x in s[1:]]
     assert all(abs(w - 1.0) > 1e-4 for w in stale)  # older weights made those tokens
-    assert _max_diff(_weights(tmp_path / "run", 5), {k: 0 * v for k, v in _weights(tmp_path / "run", 5).items()}) > 1e-3
+    assert _moved(_weights(tmp_path / "run", 5)) > 1e-3  # it trained
 
 
 def test_rollout_workers_stop_on_sigterm_and_resume_at_the_checkpoint(tiny_qwen3, tmp_path):
